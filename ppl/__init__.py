@@ -1,0 +1,33 @@
+"""A probabilistic programming language in JAX with programmable variational inference.
+
+Models and guides are generative functions (`@gen`, `sample`); objectives are programs
+(`@expectation` with `sim` and `density`) that ADEV turns into unbiased gradient estimators.
+"""
+
+from ppl import dist
+from ppl.choicemap import ChoiceMap, Trace
+from ppl.expectation import Expectation, density, expectation, sim
+from ppl.gen import GenerativeFunction, gen, sample, scan, vmap, with_estimators
+from transforms.estimators import Estimator, EstimatorError, enum, mvd, reinforce, reparam
+
+__all__ = [
+    "ChoiceMap",
+    "Estimator",
+    "EstimatorError",
+    "Expectation",
+    "GenerativeFunction",
+    "Trace",
+    "density",
+    "dist",
+    "enum",
+    "expectation",
+    "gen",
+    "mvd",
+    "reinforce",
+    "reparam",
+    "sample",
+    "scan",
+    "sim",
+    "vmap",
+    "with_estimators",
+]

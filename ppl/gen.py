@@ -1,0 +1,142 @@
+"""Generative functions: traced Python functions with addressed random choices.
+
+    @ppl.gen
+    def model(x):
+        mu = ppl.sample("mu", dist.Normal(0.0, 10.0))
+        ppl.sample("x", dist.Normal(mu, 1.0).expand(x.shape))
+        return mu
+
+    trace = model.simulate(key, x)                 # Trace(choices, score, retval, args)
+    log_p, mu = model.assess({"mu": 0.3, "x": x}, x)
+    trace, log_w = model.generate(key, {"x": x}, x)
+
+Inside a generative function, `ppl.sample(address, other_gen_fn, *args)` calls another generative
+function with its choices nested under `address`; calling `other_gen_fn(*args)` directly inlines it
+(its addresses join the caller's). Sites may sit inside `jax.vmap` (one independent draw per
+element; the choice gains that dimension), `lax.scan` (choices stacked along the scan), `lax.cond`
+/ `lax.switch`, `fori_loop` with static bounds, and `jax.jit`.
+
+Arguments are traced like `jax.jit` arguments (arrays and pytrees of arrays).
+"""
+
+import functools
+
+import jax
+from jax import lax
+
+from ppl.choicemap import Trace, flatten_choices, nest_choices
+from transforms import gfi, interpreter
+from transforms.estimators import Estimator
+from transforms.primitives import sample_site
+
+
+class GenerativeFunction:
+    """A traced generative function; see the module docstring."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def stage(self, *args):
+        """(ClosedJaxpr, flat args, output treedef) of the program at these arguments."""
+        return stage(self.fn, args)
+
+    def simulate(self, key, *args):
+        closed, flat, out_tree = self.stage(*args)
+        outs, choices, score = gfi.simulate(closed, flat, key)
+        return Trace(nest_choices(choices), score, jax.tree_util.tree_unflatten(out_tree, outs), args)
+
+    def assess(self, choices, *args):
+        """(log density of `choices`, return value); every site needs a choice."""
+        closed, flat, out_tree = self.stage(*args)
+        score, outs = gfi.assess(closed, flat, flatten_choices(choices))
+        return score, jax.tree_util.tree_unflatten(out_tree, outs)
+
+    def generate(self, key, constraints, *args):
+        """(Trace, log weight): constrained sites take their given values (the weight is their log
+        density); the others are drawn from the program itself."""
+        closed, flat, out_tree = self.stage(*args)
+        outs, choices, score, weight = gfi.generate(closed, flat, key, flatten_choices(constraints))
+        trace = Trace(nest_choices(choices), score, jax.tree_util.tree_unflatten(out_tree, outs), args)
+        return trace, weight
+
+    def addresses(self, *args):
+        """{address tuple: (shape, dtype)} of the sites at these arguments."""
+        closed, _, _ = self.stage(*args)
+        return interpreter.site_avals(closed.jaxpr)
+
+    def __repr__(self):
+        return f"<generative function {getattr(self.fn, '__name__', self.fn)!r}>"
+
+
+def stage(fn, args):
+    """Stage `fn(*args)` to a ClosedJaxpr, checking that addresses are unique."""
+    flat = jax.tree_util.tree_leaves(args)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    interpreter.check_unique_addresses(closed.jaxpr)
+    return closed, flat, jax.tree_util.tree_structure(out_shape)
+
+
+def gen(fn):
+    """Decorator: make `fn` a generative function."""
+    return GenerativeFunction(fn)
+
+
+def sample(address, target, *args, estimator=None):
+    """Draw from a distribution at `address`, or call a generative function with its choices
+    nested under `address`. `estimator` picks the site's gradient estimator (default: reparam
+    where the distribution has one, otherwise REINFORCE)."""
+    if not isinstance(address, str):
+        raise TypeError(f"an address is a string, got {address!r}")
+    if isinstance(target, GenerativeFunction):
+        if estimator is not None:
+            raise TypeError(f"estimator= applies to a distribution, not to the generative function at '{address}'")
+        return _call_at((address,), target, args)
+    if args:
+        raise TypeError(f"ppl.sample('{address}', distribution) takes no further positional arguments")
+    if estimator is not None:
+        if not isinstance(estimator, Estimator):
+            raise TypeError(f"estimator at '{address}' must be an estimator such as ppl.reparam(), got {estimator!r}")
+        estimator.check(target, (address,))
+    return sample_site((address,), target, estimator)
+
+
+def _call_at(prefix, gen_fn, args):
+    closed, flat, out_tree = gen_fn.stage(*args)
+    return jax.tree_util.tree_unflatten(out_tree, gfi.rebind(closed, flat, prefix=prefix))
+
+
+def with_estimators(gen_fn, estimators):
+    """A copy of `gen_fn` whose sites use the given estimators: `{"z": ppl.enum()}`; nested
+    addresses as nested dicts or tuples. Unknown addresses and estimators that cannot apply raise."""
+    overrides = {}
+    for address, estimator in estimators.items():
+        if isinstance(estimator, dict):
+            overrides.update({(address,) + a: e for a, e in flatten_choices(estimator).items()})
+        else:
+            overrides[address if isinstance(address, tuple) else (address,)] = estimator
+
+    def fn(*args):
+        closed, flat, out_tree = gen_fn.stage(*args)
+        return jax.tree_util.tree_unflatten(out_tree, gfi.rebind(closed, flat, overrides=overrides))
+
+    return GenerativeFunction(functools.wraps(gen_fn.fn)(fn))
+
+
+def vmap(gen_fn, in_axes=0, axis_size=None):
+    """Map a generative function over a leading axis (a plate): one independent call per element,
+    every choice stacked along that axis."""
+    return GenerativeFunction(jax.vmap(gen_fn.fn, in_axes=in_axes, axis_size=axis_size))
+
+
+def scan(gen_fn, length=None, reverse=False):
+    """`(carry, x) -> (carry, y)` generative function scanned over `xs` (a state-space model);
+    choices stacked along the scan."""
+
+    def fn(init, xs):
+        return lax.scan(gen_fn.fn, init, xs, length=length, reverse=reverse)
+
+    return GenerativeFunction(fn)

@@ -1,0 +1,131 @@
+"""The generative-function interface as handlers for the shared interpreter.
+
+Each function takes a staged program (`ClosedJaxpr`) and its flat arguments; choices are flat
+dicts from address tuples to values.
+
+    simulate(closed, args, key)            -> (outs, choices, score)
+    assess(closed, args, choices)          -> (score, outs)
+    generate(closed, args, key, constraints) -> (outs, choices, score, weight)
+    staged_simulate(closed, args)          -> (outs, choices, score)   # re-emits the sites
+    rebind(closed, args, prefix, overrides)  -> outs                     # renames / re-estimates
+
+`staged_simulate` is simulate *inside* another staged program (an expectation): the sites stay
+sites, so the enclosing transformation (ADEV) chooses how to sample and differentiate them.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from transforms import interpreter
+from transforms.primitives import format_address, sample_p
+
+
+def _score_zero():
+    return jnp.zeros((), jnp.result_type(float))
+
+
+def _check_shape(site, value):
+    if jnp.shape(value) != site.value_shape:
+        raise ValueError(
+            f"shape mismatch at address '{site.name}': the model draws shape {site.value_shape} "
+            f"there, the given value has shape {jnp.shape(value)}"
+        )
+
+
+class _Simulate:
+    def site(self, site, carry, read):
+        key, score = carry
+        key, sub = jax.random.split(key)
+        value = site.sample(sub)
+        return value, (key, score + site.log_prob(value)), value
+
+
+class _StagedSimulate:
+    def site(self, site, score, read):
+        value = sample_p.bind(*site.leaves, **site.params)
+        return value, score + site.log_prob(value), value
+
+
+class _Assess:
+    def site(self, site, score, read):
+        if read is None:
+            raise KeyError(f"no value for address '{site.name}': assess/density needs a choice for every site")
+        _check_shape(site, read)
+        return read, score + site.log_prob(read), None
+
+
+class _Generate:
+    def site(self, site, carry, read):
+        key, score, weight = carry
+        key, sub = jax.random.split(key)
+        if read is None:
+            value = site.sample(sub)
+            return value, (key, score + site.log_prob(value), weight), value
+        _check_shape(site, read)
+        lp = site.log_prob(read)
+        return read, (key, score + lp, weight + lp), read
+
+
+class _Rebind:
+    def __init__(self, prefix, overrides):
+        self.prefix, self.overrides = tuple(prefix), overrides
+
+    def site(self, site, carry, read):
+        params = dict(site.params, address=self.prefix + site.address)
+        leaves = site.leaves
+        if site.address in self.overrides:
+            distribution = site.distribution
+            estimator = self.overrides[site.address]
+            if estimator is not None:
+                estimator.check(distribution, site.address)
+            n_dist = site.params["treedef"].children()[0].num_leaves
+            est_leaves, est_def = jax.tree_util.tree_flatten(estimator)
+            est_leaves = [jnp.broadcast_to(jnp.asarray(x), site.batch_shape + jnp.shape(x)) for x in est_leaves]
+            params["treedef"] = jax.tree_util.tree_structure((distribution, estimator))
+            leaves = tuple(site.leaves[:n_dist]) + tuple(est_leaves)
+        return sample_p.bind(*leaves, **params), carry, None
+
+
+def check_known(closed, choices, what):
+    """Raise if `choices` names an address the program has no site for."""
+    known = interpreter.site_avals(closed.jaxpr)
+    for address in choices:
+        if address not in known:
+            listed = ", ".join(sorted(map(format_address, known))) or "none"
+            raise KeyError(
+                f"unknown address '{format_address(address)}' in {what}; the program's addresses are: {listed}"
+            )
+
+
+def simulate(closed, args, key):
+    outs, (_, score), choices = interpreter.run(
+        closed.jaxpr, closed.consts, args, _Simulate(), (key, _score_zero()), {}
+    )
+    return outs, choices, score
+
+
+def staged_simulate(closed, args):
+    outs, score, choices = interpreter.run(closed.jaxpr, closed.consts, args, _StagedSimulate(), _score_zero(), {})
+    return outs, choices, score
+
+
+def assess(closed, args, choices):
+    check_known(closed, choices, "the choices")
+    outs, score, _ = interpreter.run(closed.jaxpr, closed.consts, args, _Assess(), _score_zero(), choices)
+    return score, outs
+
+
+def generate(closed, args, key, constraints):
+    check_known(closed, constraints, "the constraints")
+    zero = _score_zero()
+    outs, (_, score, weight), choices = interpreter.run(
+        closed.jaxpr, closed.consts, args, _Generate(), (key, zero, zero), constraints
+    )
+    return outs, choices, score, weight
+
+
+def rebind(closed, args, prefix=(), overrides=None):
+    overrides = overrides or {}
+    check_known(closed, overrides, "the estimator overrides")
+    outs, _, _ = interpreter.run(closed.jaxpr, closed.consts, args, _Rebind(prefix, overrides), None, {})
+    return outs

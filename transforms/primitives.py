@@ -1,0 +1,142 @@
+"""`sample_p`: the one primitive the language adds to JAX.
+
+A sample site is staged as `sample_p` with the flattened leaves of `(distribution, estimator)` as
+operands and the address as a parameter. It carries no key: the transformation that interprets
+the program (simulate, assess, ADEV, ...) decides where randomness comes from. Under `jax.vmap`
+the site becomes batched (`batch_shape` grows at the front) and stands for independent draws,
+one per element, whether or not the distribution's parameters are batched.
+
+    >>> value = sample_site(("mu",), dist.Normal(0.0, 1.0), None)   # inside a staged program
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transforms import compat
+
+sample_p = compat.Primitive("sample")
+
+
+def format_address(address):
+    return "/".join(str(a) for a in address)
+
+
+def sample_site(address, distribution, estimator):
+    """Bind `sample_p` for one draw of `distribution` at `address` (a tuple of names)."""
+    leaves, treedef = jax.tree_util.tree_flatten((distribution, estimator))
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    draw = jax.eval_shape(lambda ls: jax.tree_util.tree_unflatten(treedef, ls)[0].sample(jax.random.key(0)), leaves)
+    return sample_p.bind(
+        *leaves,
+        address=tuple(address),
+        treedef=treedef,
+        batch_shape=(),
+        draw_shape=tuple(draw.shape),
+        draw_dtype=np.dtype(draw.dtype),
+    )
+
+
+def _abstract_eval(*leaves, address, treedef, batch_shape, draw_shape, draw_dtype):
+    return compat.ShapedArray(batch_shape + draw_shape, draw_dtype)
+
+
+def _impl(*leaves, address, **params):
+    raise RuntimeError(_outside_message(address))
+
+
+def _outside_message(address):
+    return (
+        f"ppl.sample at address '{format_address(address)}' was called outside any generative "
+        "function or expectation. Run it through a transformation, e.g. "
+        "`model.simulate(key, *args)` or `ppl.sim(model)` inside an `@ppl.expectation`."
+    )
+
+
+def _batch(axis_size, leaves, dims, *, batch_shape, **params):
+    leaves = [compat.move_batch_dim_to_front(x, d, axis_size) for x, d in zip(leaves, dims)]
+    return sample_p.bind(*leaves, batch_shape=(axis_size,) + batch_shape, **params), 0
+
+
+sample_p.def_impl(_impl)
+sample_p.def_abstract_eval(_abstract_eval)
+compat.register_batching(sample_p, _batch)
+compat.register_lowering_error(sample_p, lambda params: _outside_message(params["address"]))
+
+
+@dataclass(frozen=True)
+class Site:
+    """One `sample_p` equation with its operand values: rebuilds the distribution and draws or
+    scores values, handling the batch dimensions that `vmap` added (independent draws)."""
+
+    address: tuple
+    leaves: tuple
+    params: Any
+
+    @classmethod
+    def from_eqn(cls, eqn, leaves):
+        return cls(eqn.params["address"], tuple(leaves), eqn.params)
+
+    @property
+    def name(self):
+        return format_address(self.address)
+
+    @property
+    def batch_shape(self):
+        return self.params["batch_shape"]
+
+    @property
+    def value_shape(self):
+        return self.batch_shape + self.params["draw_shape"]
+
+    @property
+    def value_dtype(self):
+        return self.params["draw_dtype"]
+
+    def unpack(self, leaves=None):
+        """(distribution, estimator) for unbatched leaves."""
+        leaves = self.leaves if leaves is None else leaves
+        return jax.tree_util.tree_unflatten(self.params["treedef"], list(leaves))
+
+    @property
+    def estimator(self):
+        """The estimator attached at the site (None for the default); its array leaves are
+        taken from the first batch element."""
+        leaves = self.leaves
+        for _ in self.batch_shape:
+            leaves = [x[0] for x in leaves]
+        return self.unpack(leaves)[1]
+
+    @property
+    def distribution(self):
+        """The distribution of one batch element (for shape and type checks)."""
+        leaves = self.leaves
+        for _ in self.batch_shape:
+            leaves = [x[0] for x in leaves]
+        return self.unpack(leaves)[0]
+
+    def map(self, fn, leaves, *batched):
+        """`fn(distribution, estimator, *args)` applied to each batch element."""
+        g = lambda ls, *xs: fn(*self.unpack(ls), *xs)
+        for _ in self.batch_shape:
+            g = jax.vmap(g)
+        return g(list(leaves), *batched)
+
+    def keys(self, key):
+        if not self.batch_shape:
+            return key
+        return jax.random.split(key, math.prod(self.batch_shape)).reshape(self.batch_shape)
+
+    def sample(self, key, leaves=None):
+        """One independent draw per batch element."""
+        leaves = self.leaves if leaves is None else leaves
+        return self.map(lambda d, e, k: d.sample(k), leaves, self.keys(key))
+
+    def log_prob(self, value, leaves=None):
+        """Total log density of `value` (summed over batch and distribution dimensions)."""
+        leaves = self.leaves if leaves is None else leaves
+        return jnp.sum(self.map(lambda d, e, x: jnp.sum(d.log_prob(x)), leaves, value))
