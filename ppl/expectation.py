@@ -29,7 +29,10 @@ def _as_gen(gen_fn):
 
 def sim(gen_fn):
     """`sim(q)(*args) -> (choices, log q(choices))`: a draw whose sites remain sites of the
-    enclosing expectation."""
+    enclosing expectation. For `ppl.marginal`/`ppl.normalize`, the log density is an estimate
+    (see `ppl.marginal`)."""
+    if hasattr(gen_fn, "sim_estimate"):
+        return gen_fn.sim_estimate
     gen_fn = _as_gen(gen_fn)
 
     def run(*args):
@@ -41,7 +44,10 @@ def sim(gen_fn):
 
 
 def density(gen_fn):
-    """`density(p)(choices, *args) -> log p(choices)`, exact; every site needs a choice."""
+    """`density(p)(choices, *args) -> log p(choices)`, exact; every site needs a choice. For
+    `ppl.marginal`/`ppl.normalize`, the log of an unbiased density estimate."""
+    if hasattr(gen_fn, "density_estimate"):
+        return gen_fn.density_estimate
     gen_fn = _as_gen(gen_fn)
 
     def run(choices, *args):
@@ -60,7 +66,7 @@ class Expectation:
         self.__doc__ = getattr(fn, "__doc__", None)
 
     def stage(self, *args):
-        closed, flat, _ = stage(self.fn, args)
+        closed, flat, _ = stage(self.fn, args, unique_addresses=False)
         adev.check_objective(closed)
         return closed, flat
 

@@ -22,12 +22,13 @@ Arguments are traced like `jax.jit` arguments (arrays and pytrees of arrays).
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from ppl.choicemap import Trace, flatten_choices, nest_choices
 from transforms import gfi, interpreter
 from transforms.estimators import Estimator
-from transforms.primitives import sample_site
+from transforms.primitives import Observed, sample_site
 
 
 class GenerativeFunction:
@@ -72,11 +73,13 @@ class GenerativeFunction:
         return f"<generative function {getattr(self.fn, '__name__', self.fn)!r}>"
 
 
-def stage(fn, args):
-    """Stage `fn(*args)` to a ClosedJaxpr, checking that addresses are unique."""
+def stage(fn, args, unique_addresses=True):
+    """Stage `fn(*args)` to a ClosedJaxpr, checking that addresses are unique (an objective's
+    sites need not be: it may draw from the same guide twice)."""
     flat = jax.tree_util.tree_leaves(args)
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    interpreter.check_unique_addresses(closed.jaxpr)
+    if unique_addresses:
+        interpreter.check_unique_addresses(closed.jaxpr)
     return closed, flat, jax.tree_util.tree_structure(out_shape)
 
 
@@ -85,10 +88,11 @@ def gen(fn):
     return GenerativeFunction(fn)
 
 
-def sample(address, target, *args, estimator=None):
+def sample(address, target, *args, estimator=None, obs=None):
     """Draw from a distribution at `address`, or call a generative function with its choices
     nested under `address`. `estimator` picks the site's gradient estimator (default: reparam
-    where the distribution has one, otherwise REINFORCE)."""
+    where the distribution has one, otherwise REINFORCE). `obs=value` observes the site: it
+    returns `value` and adds its log density to the program's (NumPyro's `obs=`)."""
     if not isinstance(address, str):
         raise TypeError(f"an address is a string, got {address!r}")
     if isinstance(target, GenerativeFunction):
@@ -97,6 +101,15 @@ def sample(address, target, *args, estimator=None):
         return _call_at((address,), target, args)
     if args:
         raise TypeError(f"ppl.sample('{address}', distribution) takes no further positional arguments")
+    if obs is not None:
+        if estimator is not None:
+            raise TypeError(f"the observed site '{address}' has no gradient estimator")
+        if jnp.shape(obs) != target.shape():
+            raise ValueError(
+                f"observation shape mismatch at address '{address}': the distribution has shape "
+                f"{target.shape()}, the observation {jnp.shape(obs)}"
+            )
+        return sample_site((address,), Observed(target, obs), None, observed=True)
     if estimator is not None:
         if not isinstance(estimator, Estimator):
             raise TypeError(f"estimator at '{address}' must be an estimator such as ppl.reparam(), got {estimator!r}")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transforms import compat, estimators
-from transforms.interpreter import eqn_contains_sample
+from transforms.interpreter import eqn_contains_sample, unsupported
 from transforms.primitives import Site, sample_p
 
 
@@ -101,10 +101,7 @@ class Interpreter:
                     return self.cond_with_continuation(eqns, i, eqn, duals, env, state, k)
                 outs, state = self.cond(eqn, duals, state)
             else:
-                raise NotImplementedError(
-                    f"sample sites inside '{eqn.primitive.name}' are not supported in an expectation; "
-                    "use lax.scan, lax.cond/switch, fori_loop with static bounds, vmap or jit"
-                )
+                raise unsupported(eqn, " in an expectation")
             env = dict(env)
             for v, d in zip(eqn.outvars, outs):
                 env[v] = d
@@ -136,6 +133,9 @@ class Interpreter:
 
     def site(self, eqns, i, eqn, duals, env, state, k):
         site = DualSite(eqn, duals)
+        if site.observed:
+            value, tangent = site.jvp_leaves(site.observed_value)
+            return self.run(eqns, i + 1, {**env, eqn.outvars[0]: (value, tangent)}, state, k)
         key, site_key = jax.random.split(state.key)
         if self.primal_only:
             value = site.sample(site_key)
@@ -145,7 +145,9 @@ class Interpreter:
         if not estimator.local and self.scope is not None:
             raise NotImplementedError(
                 f"estimator {estimator!r} at '{site.name}' needs the rest of the program, which it cannot "
-                f"reach from inside a {self.scope} body; use a local estimator there (reparam, reinforce)"
+                f"reach from inside a {self.scope} body (a lax.scan, a cond inside one, or a jax.vmap of a "
+                "lax.cond whose predicate is batched, which runs as a loop); use a local estimator there "
+                "(reparam, reinforce)"
             )
 
         def go(value, value_tangent, score, baseline):

@@ -8,17 +8,29 @@ Sharp edges this module papers over (JAX 0.10):
   relies on that: a site inside `jax.vmap` (also through `jit`, `scan`, `cond`) draws one
   independent value per element although its distribution's parameters are not batched.
 - Call-like primitives (`jit`, `custom_jvp_call`, ...) need `get_bind_params` before `bind`.
+- JAX batches a `cond` whose index is batched into a `select` of *both* branches, which would
+  run (and score) the sample sites of the branch not taken; `wrap_batching` lets `primitives`
+  replace that rule for conds that hold sites.
+- That `select` also wraps every operand in `stop_gradient`. ADEV computes tangents as ordinary
+  values inside a `custom_jvp` rule, and enumeration vmaps the rest of the program over a
+  support, so tangents can pass through it; reverse mode must then transpose `stop_gradient`,
+  which JAX leaves undefined. On values it is the identity, so its transpose is too (below).
 """
 
 import jax
 import numpy as np
 from jax.extend import core as jex_core
-from jax.interpreters import batching, mlir
+from jax.interpreters import ad, batching, mlir
 
 Primitive = jex_core.Primitive
 Literal = jex_core.Literal
 ClosedJaxpr = jex_core.ClosedJaxpr
 ShapedArray = jax.core.ShapedArray
+cond_p = jex_core.primitives.cond_p  # lax.cond / lax.switch
+jaxpr_as_fun = jex_core.jaxpr_as_fun
+
+# The identity's transpose, for tangents that reach a `stop_gradient` (see the module docstring).
+ad.primitive_transposes.setdefault(jex_core.primitives.stop_gradient_p, lambda ct, x: [ct])
 
 # Primitives whose sub-program is run once, inline, with the caller's values.
 INLINE_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint"})
@@ -30,6 +42,21 @@ def register_batching(primitive, rule):
 
     def fancy(axis_data, values, dims, **params):
         return rule(axis_data.size, values, dims, **params)
+
+    batching.fancy_primitive_batchers[primitive] = fancy
+
+
+_jax_batchers = {}
+
+
+def wrap_batching(primitive, wrapper):
+    """Wrap the vmap rule JAX registered for `primitive`: `wrapper(default, axis_size, values,
+    dims, **params) -> (outs, out_dims)`, where `default(values, dims, **params)` runs JAX's rule."""
+    original = _jax_batchers.setdefault(primitive, batching.fancy_primitive_batchers[primitive])
+
+    def fancy(axis_data, values, dims, **params):
+        default = lambda vs, ds, **ps: original(axis_data, vs, ds, **ps)
+        return wrapper(default, axis_data.size, values, dims, **params)
 
     batching.fancy_primitive_batchers[primitive] = fancy
 

@@ -21,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpyro.distributions as nd
 
 from transforms import families
 from transforms.primitives import format_address
@@ -89,6 +90,7 @@ class Reinforce(Estimator):
         return not self.leave_one_out
 
     def rule(self, site, key, cont):
+        _check_fixed_support(self, site)
         value = site.sample(key)
         per_element = lambda d: site.per_element(lambda dist, x: jnp.sum(dist.log_prob(x)), d, value)
         _, score = site.jvp_leaves(per_element)
@@ -205,6 +207,24 @@ class MVD(Estimator):
             fork(value, n, jnp.tile(jnp.arange(n), j), replacements.reshape((j * n,) + replacements.shape[2:]))
         )
         return primal, tangent + main_weight * primal + jnp.sum(weights.reshape(-1) * values)
+
+
+def _check_fixed_support(estimator, site):
+    """Score-function gradients miss the boundary terms of a support whose bounds are the
+    parameters being differentiated (Uniform's low/high, Pareto's scale): refuse those."""
+    base = families.unwrap(site.distribution)
+    bounds = {nd.Uniform: ("low", "high"), nd.Pareto: ("scale",)}.get(type(base))
+    if bounds is None:
+        return
+    _, tangent = site.jvp_leaves(
+        lambda leaves: site.map(lambda d, e: [jnp.asarray(getattr(families.unwrap(d), b)) for b in bounds], leaves)
+    )
+    if tangent is not None and any(t is not None and t.dtype != jax.dtypes.float0 for t in tangent):
+        estimator._fail(
+            site.address,
+            f"the support of {type(base).__name__} moves with the parameters being differentiated, "
+            "so the score function misses its boundary terms; use reparam()",
+        )
 
 
 def fork(value, n, rows, replacements):

@@ -7,6 +7,7 @@ dicts from address tuples to values.
     assess(closed, args, choices)          -> (score, outs)
     generate(closed, args, key, constraints) -> (outs, choices, score, weight)
     staged_simulate(closed, args)          -> (outs, choices, score)   # re-emits the sites
+    staged_generate(closed, args, constraints, weigh) -> (outs, choices, weight)
     rebind(closed, args, prefix, overrides)  -> outs                     # renames / re-estimates
 
 `staged_simulate` is simulate *inside* another staged program (an expectation): the sites stay
@@ -24,12 +25,19 @@ def _score_zero():
     return jnp.zeros((), jnp.result_type(float))
 
 
-def _check_shape(site, value):
+def _conform(site, value):
+    """A given choice as the site's array type (e.g. float 0/1 data at a Bernoulli site, or a
+    Python int at a Normal site, become the dtype the program computes with); its shape must match."""
     if jnp.shape(value) != site.value_shape:
         raise ValueError(
             f"shape mismatch at address '{site.name}': the model draws shape {site.value_shape} "
             f"there, the given value has shape {jnp.shape(value)}"
         )
+    return jnp.asarray(value, site.value_dtype)
+
+
+def _as_arrays(choices):
+    return {address: jnp.asarray(value) for address, value in choices.items()}
 
 
 class _Simulate:
@@ -46,11 +54,28 @@ class _StagedSimulate:
         return value, score + site.log_prob(value), value
 
 
+class _StagedGenerate:
+    """Unconstrained sites stay sites; the weight sums the log densities of the constrained
+    sites whose address is in `weigh` (all constrained sites when `weigh` is None)."""
+
+    def __init__(self, weigh):
+        self.weigh = weigh
+
+    def site(self, site, weight, read):
+        if read is None:
+            value = sample_p.bind(*site.leaves, **site.params)
+            return value, weight, value
+        read = _conform(site, read)
+        if self.weigh is None or site.address in self.weigh:
+            weight = weight + site.log_prob(read)
+        return read, weight, None
+
+
 class _Assess:
     def site(self, site, score, read):
         if read is None:
             raise KeyError(f"no value for address '{site.name}': assess/density needs a choice for every site")
-        _check_shape(site, read)
+        read = _conform(site, read)
         return read, score + site.log_prob(read), None
 
 
@@ -61,7 +86,7 @@ class _Generate:
         if read is None:
             value = site.sample(sub)
             return value, (key, score + site.log_prob(value), weight), value
-        _check_shape(site, read)
+        read = _conform(site, read)
         lp = site.log_prob(read)
         return read, (key, score + lp, weight + lp), read
 
@@ -109,9 +134,17 @@ def staged_simulate(closed, args):
     return outs, choices, score
 
 
+def staged_generate(closed, args, constraints, weigh=None):
+    check_known(closed, constraints, "the constraints")
+    outs, weight, choices = interpreter.run(
+        closed.jaxpr, closed.consts, args, _StagedGenerate(weigh), _score_zero(), _as_arrays(constraints)
+    )
+    return outs, choices, weight
+
+
 def assess(closed, args, choices):
     check_known(closed, choices, "the choices")
-    outs, score, _ = interpreter.run(closed.jaxpr, closed.consts, args, _Assess(), _score_zero(), choices)
+    outs, score, _ = interpreter.run(closed.jaxpr, closed.consts, args, _Assess(), _score_zero(), _as_arrays(choices))
     return score, outs
 
 
@@ -119,7 +152,7 @@ def generate(closed, args, key, constraints):
     check_known(closed, constraints, "the constraints")
     zero = _score_zero()
     outs, (_, score, weight), choices = interpreter.run(
-        closed.jaxpr, closed.consts, args, _Generate(), (key, zero, zero), constraints
+        closed.jaxpr, closed.consts, args, _Generate(), (key, zero, zero), _as_arrays(constraints)
     )
     return outs, choices, score, weight
 

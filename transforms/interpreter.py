@@ -22,18 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transforms import compat
-from transforms.primitives import Site, format_address, sample_p
-
-
-def contains_sample(jaxpr):
-    """Whether an open jaxpr has a sample site anywhere inside."""
-    return any(eqn_contains_sample(e) for e in jaxpr.eqns)
-
-
-def eqn_contains_sample(eqn):
-    if eqn.primitive is sample_p:
-        return True
-    return any(contains_sample(j) for j in compat.sub_jaxprs(eqn.params))
+from transforms.primitives import Site, contains_sample, eqn_contains_sample, format_address, sample_p  # noqa: F401
 
 
 def site_avals(jaxpr, scan_lengths=()):
@@ -96,7 +85,8 @@ def run(jaxpr, consts, args, handler, carry, reads):
         invals = [compat.read_atom(env, v) for v in eqn.invars]
         if eqn.primitive is sample_p:
             site = Site.from_eqn(eqn, invals)
-            value, carry, write = handler.site(site, carry, reads.get(site.address))
+            read = site.observed_value() if site.observed else reads.get(site.address)
+            value, carry, write = handler.site(site, carry, read)
             outs = [value]
             if write is not None:
                 writes[site.address] = write
@@ -107,16 +97,21 @@ def run(jaxpr, consts, args, handler, carry, reads):
             if rule is None and eqn.primitive.name in compat.INLINE_CALLS:
                 rule = _inline
             if rule is None:
-                raise NotImplementedError(
-                    f"sample sites inside '{eqn.primitive.name}' are not supported "
-                    f"(sites: {', '.join(map(format_address, site_avals(_as_jaxpr(eqn))))}); "
-                    "use lax.scan, lax.cond/switch, fori_loop with static bounds, vmap or jit."
-                )
+                raise unsupported(eqn)
             outs, carry, new_writes = rule(eqn, invals, handler, carry, reads)
             writes.update(new_writes)
         for v, x in zip(eqn.outvars, outs):
             env[v] = x
     return [compat.read_atom(env, v) for v in jaxpr.outvars], carry, writes
+
+
+def unsupported(eqn, where=""):
+    """The error for sample sites inside a primitive the interpreters do not handle."""
+    return NotImplementedError(
+        f"sample sites inside '{eqn.primitive.name}' are not supported{where} "
+        f"(sites: {', '.join(map(format_address, site_avals(_as_jaxpr(eqn))))}); "
+        "use lax.scan, lax.cond/switch, fori_loop with static bounds, vmap or jit."
+    )
 
 
 def _as_jaxpr(eqn):

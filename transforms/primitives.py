@@ -4,7 +4,8 @@ A sample site is staged as `sample_p` with the flattened leaves of `(distributio
 operands and the address as a parameter. It carries no key: the transformation that interprets
 the program (simulate, assess, ADEV, ...) decides where randomness comes from. Under `jax.vmap`
 the site becomes batched (`batch_shape` grows at the front) and stands for independent draws,
-one per element, whether or not the distribution's parameters are batched.
+one per element, whether or not the distribution's parameters are batched. A `lax.cond`/`lax.switch`
+with sites in a branch and a batched index becomes a loop over the batch (see `_cond_batch`).
 
     >>> value = sample_site(("mu",), dist.Normal(0.0, 1.0), None)   # inside a staged program
 """
@@ -16,6 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as nd
+from jax import lax
 
 from transforms import compat
 
@@ -26,8 +29,35 @@ def format_address(address):
     return "/".join(str(a) for a in address)
 
 
-def sample_site(address, distribution, estimator):
-    """Bind `sample_p` for one draw of `distribution` at `address` (a tuple of names)."""
+class Observed(nd.Distribution):
+    """`base` observed at `value`: drawing returns the value, densities are `base`'s. A site with
+    this distribution is bound with `observed=True`: every transformation reads the value instead
+    of a choice, and the value's log density joins the score (like NumPyro's `obs=`)."""
+
+    pytree_data_fields = ("base", "value")
+
+    def __init__(self, base, value):
+        self.base, self.value = base, value
+        super().__init__(base.batch_shape, base.event_shape)
+
+    @property
+    def has_rsample(self):
+        return True
+
+    @property
+    def support(self):
+        return self.base.support
+
+    def sample(self, key, sample_shape=()):
+        return jnp.broadcast_to(self.value, sample_shape + self.shape())
+
+    def log_prob(self, value):
+        return self.base.log_prob(value)
+
+
+def sample_site(address, distribution, estimator, observed=False):
+    """Bind `sample_p` for one draw of `distribution` at `address` (a tuple of names);
+    `observed=True` for an `Observed` distribution."""
     leaves, treedef = jax.tree_util.tree_flatten((distribution, estimator))
     leaves = [jnp.asarray(leaf) for leaf in leaves]
     draw = jax.eval_shape(lambda ls: jax.tree_util.tree_unflatten(treedef, ls)[0].sample(jax.random.key(0)), leaves)
@@ -38,10 +68,11 @@ def sample_site(address, distribution, estimator):
         batch_shape=(),
         draw_shape=tuple(draw.shape),
         draw_dtype=np.dtype(draw.dtype),
+        observed=observed,
     )
 
 
-def _abstract_eval(*leaves, address, treedef, batch_shape, draw_shape, draw_dtype):
+def _abstract_eval(*leaves, batch_shape, draw_shape, draw_dtype, **params):
     return compat.ShapedArray(batch_shape + draw_shape, draw_dtype)
 
 
@@ -62,10 +93,40 @@ def _batch(axis_size, leaves, dims, *, batch_shape, **params):
     return sample_p.bind(*leaves, batch_shape=(axis_size,) + batch_shape, **params), 0
 
 
+def contains_sample(jaxpr):
+    """Whether an open jaxpr has a sample site anywhere inside."""
+    return any(eqn_contains_sample(e) for e in jaxpr.eqns)
+
+
+def eqn_contains_sample(eqn):
+    if eqn.primitive is sample_p:
+        return True
+    return any(contains_sample(j) for j in compat.sub_jaxprs(eqn.params))
+
+
+def _cond_batch(default, axis_size, values, dims, *, branches, **params):
+    """vmap of a cond. With a batched index JAX would evaluate every branch and select, which
+    would draw and score the sites of branches not taken; when a branch holds a site, run instead
+    one real cond per element in a sequential loop (its choices stacked along the batch axis)."""
+    if dims[0] is None or params.get("branches_platforms") or not any(contains_sample(b.jaxpr) for b in branches):
+        return default(values, dims, branches=branches, **params)
+    ops, op_dims = values[1:], dims[1:]
+    mapped = [compat.move_batch_dim_to_front(x, d, axis_size) for x, d in zip(values, dims) if d is not None]
+    fns = [compat.jaxpr_as_fun(b) for b in branches]
+
+    def one(row):
+        index, rest = row[0], iter(row[1:])
+        return lax.switch(index, fns, *[x if d is None else next(rest) for x, d in zip(ops, op_dims)])
+
+    outs = lax.map(one, mapped)
+    return outs, [0] * len(outs)
+
+
 sample_p.def_impl(_impl)
 sample_p.def_abstract_eval(_abstract_eval)
 compat.register_batching(sample_p, _batch)
 compat.register_lowering_error(sample_p, lambda params: _outside_message(params["address"]))
+compat.wrap_batching(compat.cond_p, _cond_batch)
 
 
 @dataclass(frozen=True)
@@ -135,6 +196,15 @@ class Site:
         """One independent draw per batch element."""
         leaves = self.leaves if leaves is None else leaves
         return self.map(lambda d, e, k: d.sample(k), leaves, self.keys(key))
+
+    @property
+    def observed(self):
+        return self.params.get("observed", False)
+
+    def observed_value(self, leaves=None):
+        """The value of an observed site (one per batch element)."""
+        leaves = self.leaves if leaves is None else leaves
+        return self.map(lambda d, e: d.value, leaves)
 
     def log_prob(self, value, leaves=None):
         """Total log density of `value` (summed over batch and distribution dimensions)."""
