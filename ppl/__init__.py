@@ -4,11 +4,12 @@ Models and guides are generative functions (`@gen`, `sample`); objectives are pr
 (`@expectation` with `sim` and `density`) that ADEV turns into unbiased gradient estimators.
 """
 
-from ppl import dist, objectives
+from ppl import diagnostics, dist, objectives
 from ppl.choicemap import ChoiceMap, Trace
 from ppl.expectation import Expectation, density, expectation, sim
-from ppl.gen import GenerativeFunction, gen, sample, scan, vmap, with_estimators
+from ppl.gen import GenerativeFunction, gen, plate, sample, scale, scan, vmap, with_estimators
 from ppl.marginal import marginal, normalize, sir
+from ppl.predictive import predictive
 from ppl.train import SVI, SVIState, fit, svi
 from transforms.estimators import Estimator, EstimatorError, enum, mvd, reinforce, reparam
 
@@ -21,7 +22,9 @@ __all__ = [
     "Expectation",
     "GenerativeFunction",
     "Trace",
+    "autoguide",
     "density",
+    "diagnostics",
     "dist",
     "enum",
     "expectation",
@@ -29,13 +32,16 @@ __all__ = [
     "marginal",
     "normalize",
     "objectives",
+    "predictive",
     "sir",
     "svi",
     "gen",
     "mvd",
     "reinforce",
+    "plate",
     "reparam",
     "sample",
+    "scale",
     "scan",
     "sim",
     "vmap",

@@ -139,6 +139,30 @@ def with_estimators(gen_fn, estimators):
     return GenerativeFunction(functools.wraps(gen_fn.fn)(fn))
 
 
+def scale(gen_fn, factor):
+    """`gen_fn` with every site's log density multiplied by `factor` (a Python number) in scores,
+    weights and densities; estimators' score functions stay unscaled."""
+
+    def fn(*args):
+        closed, flat, out_tree = gen_fn.stage(*args)
+        return jax.tree_util.tree_unflatten(out_tree, gfi.rebind(closed, flat, scale=float(factor)))
+
+    return GenerativeFunction(functools.wraps(gen_fn.fn)(fn))
+
+
+def plate(gen_fn, size=None, subsample_size=None, in_axes=0):
+    """Map `gen_fn` over the leading axis of its arguments (one independent call per datum). With
+    `subsample_size`, the arguments are a minibatch of a data set of `size` points, and every
+    log density is scaled by size / subsample_size, so a minibatch objective is unbiased for the
+    full-data one."""
+    mapped = vmap(gen_fn, in_axes=in_axes)
+    if subsample_size is None:
+        return mapped
+    if size is None:
+        raise ValueError("plate with subsample_size needs the full data set's size")
+    return scale(mapped, size / subsample_size)
+
+
 def vmap(gen_fn, in_axes=0, axis_size=None):
     """Map a generative function over a leading axis (a plate): one independent call per element,
     every choice stacked along that axis."""

@@ -13,11 +13,13 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.lax import stop_gradient
+from numpyro.distributions import Categorical
 
 from ppl.expectation import density, expectation, sim
 from ppl.gen import with_estimators
 from ppl.marginal import marginal, sir
 from transforms.estimators import reinforce
+from transforms.primitives import sample_site
 
 
 def _log_weight(model, guide, params, args, guide_params=None):
@@ -177,3 +179,38 @@ def diwhvi(model, guide, keep, num_outer, num_inner, proposal=None):
     """Doubly importance weighted HVI (Sobolev & Vetrov, 2019): the IWAE bound over `num_outer`
     particles of the guide's marginal, each with `num_inner` inner importance samples."""
     return iwae(model, marginal(guide, keep, sir(num_inner, proposal)), num_outer)
+
+
+def fivo(model_step, proposal_step, init_state, num_particles, resampling_gradients=False):
+    """The filtering variational objective (Maddison et al., 2017; Le et al., 2018; Naesseth et
+    al., 2018): log of the SMC estimate of p(x_{1:T}) with `num_particles` particles and
+    multinomial resampling at every step, over a state-space model run with `lax.scan`.
+
+    `model_step(params, state, x_t)` is a generative function that draws the step's latents and
+    observes x_t (with `obs=`), returning the next state; `proposal_step(params, state, x_t)`
+    draws the same latents. `objective(params, xs)` scans over the leading axis of `xs`. Resampling
+    is a sample site; by default its score term is dropped (`resampling_gradients=False`, the
+    usual biased but low-variance choice); `True` keeps it (unbiased for the bound's gradient)."""
+
+    @expectation
+    def objective(params, xs):
+        def step(carry, x_t):
+            states, log_z = carry
+
+            def particle(state):
+                z, log_q = sim(proposal_step)(params, state, x_t)
+                log_p, new_state = model_step.assess(z, params, state, x_t)
+                return new_state, log_p - log_q
+
+            new_states, log_w = jax.vmap(particle)(states)
+            logits = log_w if resampling_gradients else stop_gradient(log_w)
+            ancestors = jax.vmap(lambda _: sample_site(("fivo", "ancestor"), Categorical(logits=logits), None))(
+                jnp.arange(num_particles)
+            )
+            return (jax.tree.map(lambda a: a[ancestors], new_states), log_z + _log_mean_exp(log_w)), None
+
+        states = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_particles,) + jnp.shape(a)), init_state)
+        (_, log_z), _ = jax.lax.scan(step, (states, jnp.zeros(())), xs)
+        return log_z
+
+    return objective

@@ -5,10 +5,11 @@ dicts from address tuples to values.
 
     simulate(closed, args, key)            -> (outs, choices, score)
     assess(closed, args, choices)          -> (score, outs)
+    site_scores(closed, args, choices)     -> {address: log density}
     generate(closed, args, key, constraints) -> (outs, choices, score, weight)
     staged_simulate(closed, args)          -> (outs, choices, score)   # re-emits the sites
     staged_generate(closed, args, constraints, weigh) -> (outs, choices, weight)
-    rebind(closed, args, prefix, overrides)  -> outs                     # renames / re-estimates
+    rebind(closed, args, prefix, overrides, scale) -> outs   # renames / re-estimates / rescales
 
 `staged_simulate` is simulate *inside* another staged program (an expectation): the sites stay
 sites, so the enclosing transformation (ADEV) chooses how to sample and differentiate them.
@@ -79,6 +80,17 @@ class _Assess:
         return read, score + site.log_prob(read), None
 
 
+class _SiteScores:
+    """Like assess, but writes each site's log density (scaled) at its address."""
+
+    def site(self, site, score, read):
+        if read is None:
+            raise KeyError(f"no value for address '{site.name}': per-site densities need a choice for every site")
+        read = _conform(site, read)
+        lp = site.log_prob(read)
+        return read, score + lp, lp
+
+
 class _Generate:
     def site(self, site, carry, read):
         key, score, weight = carry
@@ -92,11 +104,11 @@ class _Generate:
 
 
 class _Rebind:
-    def __init__(self, prefix, overrides):
-        self.prefix, self.overrides = tuple(prefix), overrides
+    def __init__(self, prefix, overrides, scale):
+        self.prefix, self.overrides, self.scale = tuple(prefix), overrides, scale
 
     def site(self, site, carry, read):
-        params = dict(site.params, address=self.prefix + site.address)
+        params = dict(site.params, address=self.prefix + site.address, scale=site.scale * self.scale)
         leaves = site.leaves
         if site.address in self.overrides:
             distribution = site.distribution
@@ -148,6 +160,13 @@ def assess(closed, args, choices):
     return score, outs
 
 
+def site_scores(closed, args, choices):
+    """{address: log density of its value} (values inside a scan are per step)."""
+    check_known(closed, choices, "the choices")
+    _, _, scores = interpreter.run(closed.jaxpr, closed.consts, args, _SiteScores(), _score_zero(), _as_arrays(choices))
+    return scores
+
+
 def generate(closed, args, key, constraints):
     check_known(closed, constraints, "the constraints")
     zero = _score_zero()
@@ -157,8 +176,8 @@ def generate(closed, args, key, constraints):
     return outs, choices, score, weight
 
 
-def rebind(closed, args, prefix=(), overrides=None):
+def rebind(closed, args, prefix=(), overrides=None, scale=1.0):
     overrides = overrides or {}
     check_known(closed, overrides, "the estimator overrides")
-    outs, _, _ = interpreter.run(closed.jaxpr, closed.consts, args, _Rebind(prefix, overrides), None, {})
+    outs, _, _ = interpreter.run(closed.jaxpr, closed.consts, args, _Rebind(prefix, overrides, scale), None, {})
     return outs

@@ -69,6 +69,7 @@ def sample_site(address, distribution, estimator, observed=False):
         draw_shape=tuple(draw.shape),
         draw_dtype=np.dtype(draw.dtype),
         observed=observed,
+        scale=1.0,
     )
 
 
@@ -207,6 +208,14 @@ class Site:
         return self.map(lambda d, e: d.value, leaves)
 
     def log_prob(self, value, leaves=None):
-        """Total log density of `value` (summed over batch and distribution dimensions)."""
+        """Total log density of `value` (summed over batch and distribution dimensions), times
+        the site's scale."""
         leaves = self.leaves if leaves is None else leaves
-        return jnp.sum(self.map(lambda d, e, x: jnp.sum(d.log_prob(x)), leaves, value))
+        total = jnp.sum(self.map(lambda d, e, x: jnp.sum(d.log_prob(x)), leaves, value))
+        return total * self.scale if self.scale != 1.0 else total
+
+    @property
+    def scale(self):
+        """Multiplier of the site's log density in scores and weights (a minibatch's size / subsample
+        size); estimators' score functions are not scaled."""
+        return self.params.get("scale", 1.0)

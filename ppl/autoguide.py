@@ -1,0 +1,511 @@
+"""Automatic guides built from a model (NumPyro's AutoNormal, AutoMultivariateNormal, AutoDelta).
+
+    guide, params = ppl.autoguide.mean_field(model, None, x)   # the model's own arguments
+    params, losses = ppl.fit(ppl.objectives.elbo(model, guide), params, x, optimizer=optax.adam(0.05),
+                             steps=2000, key=key)
+    guide.median(params, None, x)                               # a constrained point estimate
+
+Each builder takes the model (`model(params, *args)`, observations marked with `obs=`) and example
+arguments exactly as the model is called, and returns `(guide, init_params)`. The guide is a
+generative function with the model's signature whose choices are the model's latent
+(non-observed) sites, at the same addresses and shapes, so `objectives.elbo(model, guide)` and
+every other objective apply unchanged. Observed sites are not choices of the guide.
+
+Design:
+
+- **The guide mirrors the model.** Calling the guide runs the model's staged program; at each latent
+  site it draws from q at that address instead of from the prior (sites under `jax.vmap` stay
+  batched sites, sites in a `lax.scan` stay in the scan, with parameters stacked along it), and
+  observed sites just return their data. The bijection at a site is
+  `biject_to(distribution.support)` of the model's distribution *at that point of the run*, so a
+  support that depends on another latent (`Uniform(0, z)`) gets the right bijection and Jacobian.
+  The model's other computations in the guide's program are dead code that `jit` removes.
+- **Unconstrained Gaussians pushed through the bijection.** A mean-field site is
+  `TransformedDistribution(Normal(loc, exp(log_scale)).to_event(k), biject_to(support))` (a plain
+  Normal where the support is the real line): its log density includes the log-Jacobian, and its
+  draws are reparameterized.
+- **Full rank as a chain of conditionals.** One `MultivariateNormal(loc, L L^T)` over the
+  concatenation u = (u_1, ..., u_n) of the unconstrained latents (in program order), written as
+  u_k | u_<k ~ MVN(loc_k + L_k,<k eps_<k, L_kk L_kk^T) with eps_j = L_jj^-1 (u_j - mean_j): the
+  product of these conditionals is exactly the joint MVN (u = loc + L eps), and each site keeps the
+  model's address, so log q at the model's addresses is exact and no auxiliary address is needed
+  (`density(model)` rejects addresses it does not have). Sites inside `scan`/`cond` are not
+  supported by `full_rank` (use `mean_field`).
+- **Delta (MAP).** `Delta(biject_to(support)(loc))` with log density 0: the ELBO is the log joint
+  at the point, maximized in the constrained space (MAP, as NumPyro's AutoDelta).
+- **Initialization.** `init="median"` (default): loc is the coordinatewise median, in unconstrained
+  space, of the unconstrained values of 15 prior draws (NumPyro's `init_to_median`; a median in
+  unconstrained space is always a valid point, and unlike a fixed box it follows the prior's
+  location and scale); non-finite values become 0. `init="zero"`: loc = 0 (e.g. a sigmoid
+  site's midpoint). `init_values={"address": constrained value}` overrides either per site.
+  Scales start at `init_scale`.
+- **Parameters.** A dict keyed by the address string ("a/b" for nested addresses); mean field:
+  `{"loc", "log_scale"}` per site, shaped like the unconstrained site (scan and vmap dimensions
+  first); delta: `{"loc"}`; full rank: `{"loc": (D,), "log_diag": (D,), "lower": (D, D)}` with
+  L = diag(exp(log_diag)) + strictly-lower(lower). The guide reads only these entries, so a model's
+  own parameters may live in the same dict; `param_key="guide"` nests the guide's entries under
+  that key instead (the model receives the whole dict).
+- **Continuous latents only.** A discrete latent site raises `ValueError` naming its address.
+"""
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as nd
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import Transform, biject_to
+
+from ppl.choicemap import flatten_choices, nest_choices
+from ppl.gen import GenerativeFunction
+from transforms import compat, interpreter
+from transforms.primitives import format_address, sample_p, sample_site
+
+__all__ = ["AutoGuide", "LatentSite", "delta", "full_rank", "mean_field"]
+
+NUM_INIT_DRAWS = 15
+
+
+@dataclass(frozen=True)
+class LatentSite:
+    """A latent site of the model, as the guide sees it."""
+
+    address: tuple
+    shape: tuple  # of the choice (scan lengths and vmap dimensions first)
+    unconstrained_shape: tuple  # of its unconstrained value (same leading dimensions)
+    support: str  # the support's class, e.g. "Positive", "Simplex"
+    context: tuple  # enclosing control flow, e.g. ("scan",)
+
+    @property
+    def name(self):
+        return format_address(self.address)
+
+
+class AutoGuide(GenerativeFunction):
+    """The generative function an autoguide builder returns: `guide(params, *args)`, with the
+    model's signature; `sites` describes its latent sites."""
+
+    def __init__(self, fn, kind, model, sites, param_key, layout=None):
+        super().__init__(fn)
+        self.kind, self.model, self.sites, self.param_key, self.layout = kind, model, sites, param_key, layout
+
+    def median(self, params, *args):
+        """The latents at the guide's unconstrained median (loc) pushed through each site's
+        bijection (for the delta guide: its point), as a choice map."""
+        return self.fn(params, *args, emit=False)
+
+    def own_params(self, params):
+        return params if self.param_key is None else params[self.param_key]
+
+    def scale_tril(self, params):
+        """Full rank: the Cholesky factor L of the unconstrained covariance."""
+        own = self.own_params(params)
+        return _tril(own["log_diag"], own["lower"])
+
+    def covariance(self, params):
+        """Full rank: the covariance L L^T of the unconstrained latents (order: `layout`)."""
+        L = self.scale_tril(params)
+        return L @ L.T
+
+    def __repr__(self):
+        return f"<{self.kind} autoguide for {self.model!r}: {', '.join(s.name for s in self.sites)}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspecting the model
+
+
+def _contexts(jaxpr, context=()):
+    """{address: enclosing control flow} of the sites of an open jaxpr."""
+    found = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is sample_p:
+            found[eqn.params["address"]] = context
+            continue
+        name = eqn.primitive.name
+        inner = context + (name,) if name in ("scan", "cond", "while") else context
+        for sub in compat.sub_jaxprs(eqn.params):
+            found.update(_contexts(sub, inner))
+    return found
+
+
+def observed_addresses(jaxpr):
+    """The addresses of the observed sites of an open jaxpr (at any depth)."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is sample_p:
+            if eqn.params.get("observed", False):
+                found.add(eqn.params["address"])
+        for sub in compat.sub_jaxprs(eqn.params):
+            found |= observed_addresses(sub)
+    return found
+
+
+def _check_continuous(site):
+    d = site.distribution
+    if d.support.is_discrete or not jnp.issubdtype(site.value_dtype, jnp.floating):
+        raise ValueError(
+            f"the latent site '{site.name}' is discrete ({type(d).__name__} with support {d.support!r}): "
+            "automatic guides cover continuous latents only; observe it, marginalize it out, or "
+            "write a guide for it by hand"
+        )
+
+
+def _bijection(d, name):
+    """biject_to(support) of a latent site's distribution, or a clear error."""
+    support = d.support
+    try:
+        return biject_to(support)
+    except NotImplementedError:
+        raise ValueError(
+            f"no bijection from the real line onto the support {support!r} of the latent site "
+            f"'{name}' ({type(d).__name__}); automatic guides need one (numpyro's biject_to)"
+        ) from None
+
+
+def _is_real(support):
+    return support is constraints.real or (
+        isinstance(support, constraints.independent) and support.base_constraint is constraints.real
+    )
+
+
+def _inverse(site, value):
+    """Unconstrained value of a site's value, per batch element."""
+    return site.map(lambda d, e, x: _bijection(d, site.name).inv(x), site.leaves, value)
+
+
+def _conform(site, value):
+    value = jnp.asarray(value, site.value_dtype)
+    if value.shape != site.value_shape:
+        raise ValueError(
+            f"init value at '{site.name}' has shape {value.shape}, the site draws shape {site.value_shape}"
+        )
+    return value
+
+
+class _Prior:
+    """Draws the latents from the prior (or takes `init_values`) and writes their unconstrained
+    values; records each latent site's support."""
+
+    def __init__(self):
+        self.supports = {}
+
+    def site(self, site, key, read):
+        if site.observed:
+            return read, key, None
+        _check_continuous(site)
+        _bijection(site.distribution, site.name)
+        self.supports[site.address] = type(site.distribution.support).__name__.lstrip("_")
+        key, sub = jax.random.split(key)
+        value = site.sample(sub) if read is None else _conform(site, read)
+        return value, key, _inverse(site, value)
+
+
+def _prototype(model, example_args, init, init_values, key):
+    """(latent sites, {address: initial unconstrained loc}) from the model at `example_args`."""
+    if not isinstance(model, GenerativeFunction):
+        raise TypeError(f"expected a generative function (decorate the model with @ppl.gen), got {model!r}")
+    if init not in ("median", "zero"):
+        raise ValueError(f"init must be 'median' or 'zero', got {init!r}")
+    closed, flat, _ = model.stage(*example_args)
+    avals = interpreter.site_avals(closed.jaxpr)
+    contexts = _contexts(closed.jaxpr)
+    reads = {a: jnp.asarray(v) for a, v in flatten_choices(init_values or {}).items()}
+    observed = observed_addresses(closed.jaxpr)
+    for address in reads:
+        if address not in avals or address in observed:
+            raise KeyError(f"init_values names '{format_address(address)}', which is not a latent site of the model")
+    handler = _Prior()
+    draw = lambda k: interpreter.run(closed.jaxpr, closed.consts, flat, handler, k, reads)[2]
+    keys = jax.random.split(jax.random.key(0) if key is None else key, NUM_INIT_DRAWS)
+    draws = jax.vmap(draw)(keys)
+    if init == "median":
+        locs = {a: jnp.median(u, axis=0) for a, u in draws.items()}
+        locs = {a: jnp.where(jnp.isfinite(u), u, 0.0) for a, u in locs.items()}
+    else:
+        locs = {a: jnp.zeros(u.shape[1:], u.dtype) for a, u in draws.items()}
+    for address, value in reads.items():  # exactly the given values, whatever the median did
+        locs[address] = jnp.median(draws[address], axis=0)
+    sites = tuple(
+        LatentSite(a, avals[a][0], locs[a].shape, handler.supports[a], tuple(contexts.get(a, ())))
+        for a in handler.supports  # program order (the writes of a vmap come back sorted)
+    )
+    return sites, locs
+
+
+# ---------------------------------------------------------------------------------------------
+# Guides that mirror the model
+
+
+def _guide_fn(model, kind, sites, param_key, handler_for, reads_for):
+    def fn(params, *args, emit=True):
+        own = params if param_key is None else params[param_key]
+        closed, flat, _ = model.stage(params, *args)
+        handler = handler_for(own, emit)
+        reads = reads_for(own) if reads_for is not None else {}
+        _, _, writes = interpreter.run(closed.jaxpr, closed.consts, flat, handler, None, reads)
+        missing = {s.address for s in sites} - set(writes)
+        if missing:
+            raise ValueError(
+                f"the model's latent sites changed since the guide was built: "
+                f"{', '.join(map(format_address, sorted(missing)))} not reached"
+            )
+        return nest_choices(writes)
+
+    fn.__name__ = f"{kind}_guide"
+    return fn
+
+
+def _site_params(own, site):
+    try:
+        return own[site.name]
+    except (KeyError, TypeError):
+        raise KeyError(f"the guide's parameters have no entry for the latent site '{site.name}'") from None
+
+
+def _check_shape(q, d, name):
+    if q.shape() != d.shape():
+        raise ValueError(
+            f"the guide's parameters at '{name}' give draws of shape {q.shape()}, the model's site "
+            f"draws shape {d.shape()}; were they built for other arguments?"
+        )
+
+
+def _emit(site, make, emit, *batched):
+    """Bind a guide site at the model site's address: `make(model_distribution, *args)` builds the
+    guide's distribution for one batch element, vmapped over the site's batch dimensions so that
+    the guide's site has the model site's batch structure. `emit=False` returns the distribution's
+    point `make(...).mean` instead (for `median`)."""
+    if emit:
+        draw = lambda d, e, *xs: sample_site(site.address, make(d, *xs), None)
+    else:
+        draw = lambda d, e, *xs: make(d, *xs).mean
+    return site.map(draw, site.leaves, *batched).astype(site.value_dtype)
+
+
+class _MeanFieldSites:
+    def __init__(self, emit):
+        self.emit = emit
+
+    def site(self, site, carry, read):
+        if site.observed:
+            return read, carry, None
+        _check_continuous(site)
+        loc, log_scale = read[..., 0], read[..., 1]
+
+        def make(d, loc, log_scale):
+            t = _bijection(d, site.name)
+            base = nd.Normal(loc, jnp.exp(log_scale))
+            if jnp.ndim(loc):
+                base = base.to_event(jnp.ndim(loc))
+            if not self.emit:  # the median: exp(log_scale) plays no part
+                return nd.Delta(t(loc), event_dim=len(d.shape()))
+            q = base if _is_real(d.support) else nd.TransformedDistribution(base, t)
+            _check_shape(q, d, site.name)
+            return q
+
+        value = _emit(site, make, self.emit, loc, log_scale)
+        return value, carry, value
+
+
+class _DeltaSites:
+    def __init__(self, emit):
+        self.emit = emit
+
+    def site(self, site, carry, read):
+        if site.observed:
+            return read, carry, None
+        _check_continuous(site)
+
+        def make(d, loc):
+            q = nd.Delta(_bijection(d, site.name)(loc), event_dim=len(d.shape()))
+            _check_shape(q, d, site.name)
+            return q
+
+        value = _emit(site, make, self.emit, read)
+        return value, carry, value
+
+
+def _mirrored(kind, model, example_args, init, init_values, key, param_key, handler, params_of, reads_of):
+    sites, locs = _prototype(model, example_args, init, init_values, key)
+    own = {s.name: params_of(locs[s.address]) for s in sites}
+    by_name = {s.name: s for s in sites}
+
+    def reads_for(own):
+        return {by_name[n].address: reads_of(_site_params(own, by_name[n])) for n in by_name}
+
+    fn = _guide_fn(model, kind, sites, param_key, lambda own, emit: handler(emit), reads_for)
+    guide = AutoGuide(fn, kind, model, sites, param_key)
+    return guide, (own if param_key is None else {param_key: own})
+
+
+def mean_field(model, *example_args, init_scale=0.1, init="median", init_values=None, key=None, param_key=None):
+    """(guide, init_params): a mean-field Gaussian in unconstrained space, pushed through each
+    latent site's `biject_to(support)` (NumPyro's AutoNormal); see the module docstring.
+
+    `example_args`: the model's arguments exactly as it is called (e.g. `(params, x)`)."""
+    log_scale = math.log(init_scale)
+    return _mirrored(
+        "mean_field",
+        model,
+        example_args,
+        init,
+        init_values,
+        key,
+        param_key,
+        _MeanFieldSites,
+        lambda loc: {"loc": loc, "log_scale": jnp.full_like(loc, log_scale)},
+        lambda p: jnp.stack(jnp.broadcast_arrays(jnp.asarray(p["loc"]), jnp.asarray(p["log_scale"])), axis=-1),
+    )
+
+
+def delta(model, *example_args, init="median", init_values=None, key=None, param_key=None):
+    """(guide, init_params): a point mass at `biject_to(support)(loc)` at each latent site, log
+    density 0, so the ELBO is the log joint and maximizing it is MAP (NumPyro's AutoDelta)."""
+    return _mirrored(
+        "delta",
+        model,
+        example_args,
+        init,
+        init_values,
+        key,
+        param_key,
+        _DeltaSites,
+        lambda loc: {"loc": loc},
+        lambda p: jnp.asarray(p["loc"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Full rank
+
+
+def _tril(log_diag, lower):
+    return jnp.diag(jnp.exp(log_diag)) + jnp.tril(lower, -1)
+
+
+class _SiteBijection(Transform):
+    """The flat unconstrained block of one model site -> the site's value: reshape to
+    (batch..., unconstrained draw...) and apply `biject_to(support)` of each batch element's
+    distribution (the model site's leaves carry its batch dimensions). The log-Jacobian is the
+    total over the site."""
+
+    domain = constraints.real_vector
+
+    def __init__(self, site):
+        self.leaves = tuple(site.leaves)
+        self.treedef = site.params["treedef"]
+        self.batch_shape = tuple(site.batch_shape)
+        self.draw_shape = tuple(site.params["draw_shape"])
+        self.unconstrained_shape = biject_to(site.distribution.support).inverse_shape(self.draw_shape)
+        self.name = site.name
+
+    @property
+    def size(self):
+        return math.prod(self.batch_shape + self.unconstrained_shape)
+
+    def _map(self, fn, *xs):
+        def g(leaves, *xs):
+            d, _ = jax.tree_util.tree_unflatten(self.treedef, list(leaves))
+            return fn(_bijection(d, self.name), *xs)
+
+        for _ in self.batch_shape:
+            g = jax.vmap(g)
+        return g(list(self.leaves), *xs)
+
+    def __call__(self, x):
+        return self._map(lambda t, u: t(u), jnp.reshape(x, self.batch_shape + self.unconstrained_shape))
+
+    def _inverse(self, y):
+        return jnp.reshape(self._map(lambda t, y: t.inv(y), y), (self.size,))
+
+    def log_abs_det_jacobian(self, x, y, intermediates=None):
+        u = jnp.reshape(x, self.batch_shape + self.unconstrained_shape)
+        return jnp.sum(self._map(lambda t, u, y: jnp.sum(t.log_abs_det_jacobian(u, y)), u, y))
+
+    @property
+    def codomain(self):
+        # The value's support is checked per batch element by the bijections themselves; as a
+        # constraint it is only used for its event dimension here.
+        return constraints.independent(constraints.real, len(self.batch_shape + self.draw_shape))
+
+    def forward_shape(self, shape):
+        return tuple(shape[:-1]) + self.batch_shape + self.draw_shape
+
+    def inverse_shape(self, shape):
+        return tuple(shape[: len(shape) - len(self.batch_shape + self.draw_shape)]) + (self.size,)
+
+    def tree_flatten(self):
+        aux = {k: getattr(self, k) for k in ("treedef", "batch_shape", "draw_shape", "unconstrained_shape", "name")}
+        return (self.leaves,), (("leaves",), aux)
+
+
+class _FullRankSites:
+    """The chain of conditionals u_k | u_<k of one MVN(loc, L L^T); `eps` accumulates
+    L_jj^-1 (u_j - mean_j) of the blocks drawn so far."""
+
+    def __init__(self, layout, loc, L, emit):
+        self.layout, self.loc, self.L, self.emit = layout, loc, L, emit
+        self.eps = jnp.zeros_like(loc)
+        self.next = 0
+
+    def site(self, site, carry, read):
+        if site.observed:
+            return read, carry, None
+        _check_continuous(site)
+        start, stop = self.layout[site.address]
+        if start != self.next:  # the conditionals need the blocks in program order
+            raise ValueError(f"the model reached the latent site '{site.name}' out of the order the guide was built with")
+        self.next = stop
+        t = _SiteBijection(site)
+        if t.size != stop - start:
+            raise ValueError(
+                f"the model's site '{site.name}' has {t.size} unconstrained coordinates now, "
+                f"{stop - start} when the guide was built"
+            )
+        mean = self.loc[start:stop] + self.L[start:stop] @ self.eps  # eps is 0 from `start` on
+        L_kk = self.L[start:stop, start:stop]
+        if self.emit:
+            q = nd.TransformedDistribution(nd.MultivariateNormal(mean, scale_tril=L_kk), t)
+            value = sample_site(site.address, q, None).astype(site.value_dtype)
+            u = t.inv(value)
+            eps = jax.scipy.linalg.solve_triangular(L_kk, u - mean, lower=True)
+            self.eps = self.eps.at[start:stop].set(eps)
+        else:
+            value = t(mean).astype(site.value_dtype)  # eps stays 0: the joint median is loc
+        return value, carry, value
+
+
+def full_rank(model, *example_args, init_scale=0.1, init="median", init_values=None, key=None, param_key=None):
+    """(guide, init_params): one multivariate normal over all unconstrained latents (NumPyro's
+    AutoMultivariateNormal), drawn as a chain of conditionals at the model's own addresses; see
+    the module docstring. `guide.layout` gives each site's slice of the flat vector,
+    `guide.covariance(params)` the unconstrained covariance."""
+    sites, locs = _prototype(model, example_args, init, init_values, key)
+    nested = [s for s in sites if s.context]
+    if nested:
+        s = nested[0]
+        raise NotImplementedError(
+            f"full_rank: the latent site '{s.name}' is inside {'/'.join(s.context)}; a full-rank guide "
+            "needs every latent at the top level of the model (use mean_field for this model)"
+        )
+    layout, start = {}, 0
+    for s in sites:
+        size = math.prod(s.unconstrained_shape)
+        layout[s.address] = (start, start + size)
+        start += size
+    loc = jnp.concatenate([jnp.reshape(locs[s.address], (-1,)) for s in sites]) if sites else jnp.zeros(0)
+    own = {
+        "loc": loc,
+        "log_diag": jnp.full(loc.shape, math.log(init_scale), loc.dtype),
+        "lower": jnp.zeros(loc.shape * 2, loc.dtype),
+    }
+
+    def handler_for(own, emit):
+        return _FullRankSites(layout, jnp.asarray(own["loc"]), _tril(own["log_diag"], own["lower"]), emit)
+
+    fn = _guide_fn(model, "full_rank", sites, param_key, handler_for, None)
+    named_layout = {s.name: slice(*layout[s.address]) for s in sites}
+    guide = AutoGuide(fn, "full_rank", model, sites, param_key, named_layout)
+    return guide, (own if param_key is None else {param_key: own})
