@@ -2,6 +2,7 @@
 Beta(a0 + #ones, b0 + #zeros). The guide's concentrations are exp of unconstrained parameters."""
 
 import jax.numpy as jnp
+from jax.scipy.special import betaln
 
 import ppl
 from ppl import dist
@@ -44,7 +45,5 @@ def posterior_mean(params):
 
 def log_evidence(data):
     """log p(data) = log B(a0 + #ones, b0 + #zeros) - log B(a0, b0)."""
-    from jax.scipy.special import betaln
-
     a, b = exact_posterior(data)
     return betaln(a, b) - betaln(*PRIOR)

@@ -4,7 +4,7 @@ Models and guides are generative functions (`@gen`, `sample`); objectives are pr
 (`@expectation` with `sim` and `density`) that ADEV turns into unbiased gradient estimators.
 """
 
-from ppl import diagnostics, dist, objectives
+from ppl import autoguide, diagnostics, dist, objectives
 from ppl.choicemap import ChoiceMap, Trace
 from ppl.expectation import Expectation, density, expectation, sim
 from ppl.gen import GenerativeFunction, gen, plate, sample, scale, scan, vmap, with_estimators

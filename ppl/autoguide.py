@@ -3,7 +3,7 @@
     guide, params = ppl.autoguide.mean_field(model, None, x)   # the model's own arguments
     params, losses = ppl.fit(ppl.objectives.elbo(model, guide), params, x, optimizer=optax.adam(0.05),
                              steps=2000, key=key)
-    guide.median(params, None, x)                               # a constrained point estimate
+    guide.median(params, x)                                     # a constrained point estimate
 
 Each builder takes the model (`model(params, *args)`, observations marked with `obs=`) and example
 arguments exactly as the model is called, and returns `(guide, init_params)`. The guide is a
@@ -46,8 +46,13 @@ Design:
   own parameters may live in the same dict; `param_key="guide"` nests the guide's entries under
   that key instead (the model receives the whole dict).
 - **Continuous latents only.** A discrete latent site raises `ValueError` naming its address.
+- **Scales are not copied.** The guide's log densities are unscaled whatever `ppl.scale` or a
+  subsampled `ppl.plate` does to the model's: q is a distribution over the latents, and with
+  one parameter per latent coordinate an autoguide cannot serve latents local to a subsampled
+  plate anyway (NumPyro indexes such parameters by the subsample; ppl's plates carry no indices).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -60,7 +65,7 @@ from numpyro.distributions.transforms import Transform, biject_to
 from ppl.choicemap import flatten_choices, nest_choices
 from ppl.gen import GenerativeFunction
 from transforms import compat, interpreter
-from transforms.primitives import format_address, sample_p, sample_site
+from transforms.primitives import format_address, sample_p
 
 __all__ = ["AutoGuide", "LatentSite", "delta", "full_rank", "mean_field"]
 
@@ -74,7 +79,7 @@ class LatentSite:
     address: tuple
     shape: tuple  # of the choice (scan lengths and vmap dimensions first)
     unconstrained_shape: tuple  # of its unconstrained value (same leading dimensions)
-    support: str  # the support's class, e.g. "Positive", "Simplex"
+    support: str  # the support's class, e.g. "Positive", "Simplex", "Independent(Real, 1)"
     context: tuple  # enclosing control flow, e.g. ("scan",)
 
     @property
@@ -93,7 +98,11 @@ class AutoGuide(GenerativeFunction):
     def median(self, params, *args):
         """The latents at the guide's unconstrained median (loc) pushed through each site's
         bijection (for the delta guide: its point), as a choice map."""
-        return self.fn(params, *args, emit=False)
+        return self._median(params, *args)
+
+    @functools.cached_property
+    def _median(self):
+        return jax.jit(functools.partial(self.fn, emit=False))
 
     def own_params(self, params):
         return params if self.param_key is None else params[self.param_key]
@@ -152,6 +161,25 @@ def _check_continuous(site):
         )
 
 
+def bind_site(address, distribution, scale=1.0):
+    """Bind a site at `address` drawing from `distribution` (one unbatched draw; under `vmap` the
+    batching rule adds the batch dimensions), its log density multiplied by `scale`."""
+    leaves, treedef = jax.tree_util.tree_flatten((distribution, None))
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    sample = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)[0].sample(jax.random.key(0))
+    draw = jax.eval_shape(sample, leaves)
+    return sample_p.bind(
+        *leaves,
+        address=tuple(address),
+        treedef=treedef,
+        batch_shape=(),
+        draw_shape=tuple(draw.shape),
+        draw_dtype=draw.dtype,
+        observed=False,
+        scale=scale,
+    )
+
+
 def _bijection(d, name):
     """biject_to(support) of a latent site's distribution, or a clear error."""
     support = d.support
@@ -162,6 +190,14 @@ def _bijection(d, name):
             f"no bijection from the real line onto the support {support!r} of the latent site "
             f"'{name}' ({type(d).__name__}); automatic guides need one (numpyro's biject_to)"
         ) from None
+
+
+def _support_name(support):
+    """The name of a constraint's class ('Positive', 'Simplex', 'Independent(Real, 1)'), not of
+    its traced parameters."""
+    if isinstance(support, constraints.independent):
+        return f"Independent({_support_name(support.base_constraint)}, {support.reinterpreted_batch_ndims})"
+    return type(support).__name__.lstrip("_")
 
 
 def _is_real(support):
@@ -185,21 +221,27 @@ def _conform(site, value):
 
 
 class _Prior:
-    """Draws the latents from the prior (or takes `init_values`) and writes their unconstrained
-    values; records each latent site's support."""
+    """Writes each latent site's unconstrained value: of a prior draw (`draw=True`), of the given
+    `init_values`, or 0 (`draw=False`), the site's value being its image; records each latent
+    site's support."""
 
-    def __init__(self):
-        self.supports = {}
+    def __init__(self, draw):
+        self.draw, self.supports = draw, {}
 
     def site(self, site, key, read):
         if site.observed:
             return read, key, None
         _check_continuous(site)
         _bijection(site.distribution, site.name)
-        self.supports[site.address] = type(site.distribution.support).__name__.lstrip("_")
+        self.supports[site.address] = _support_name(site.distribution.support)
         key, sub = jax.random.split(key)
-        value = site.sample(sub) if read is None else _conform(site, read)
-        return value, key, _inverse(site, value)
+        if read is not None or self.draw:
+            value = site.sample(sub) if read is None else _conform(site, read)
+            return value, key, _inverse(site, value)
+        shape = biject_to(site.distribution.support).inverse_shape(site.params["draw_shape"])
+        u = jnp.zeros(site.batch_shape + shape, site.value_dtype)
+        value = site.map(lambda d, e, u: _bijection(d, site.name)(u), site.leaves, u)
+        return value.astype(site.value_dtype), key, u
 
 
 def _prototype(model, example_args, init, init_values, key):
@@ -216,17 +258,16 @@ def _prototype(model, example_args, init, init_values, key):
     for address in reads:
         if address not in avals or address in observed:
             raise KeyError(f"init_values names '{format_address(address)}', which is not a latent site of the model")
-    handler = _Prior()
-    draw = lambda k: interpreter.run(closed.jaxpr, closed.consts, flat, handler, k, reads)[2]
-    keys = jax.random.split(jax.random.key(0) if key is None else key, NUM_INIT_DRAWS)
-    draws = jax.vmap(draw)(keys)
+    handler = _Prior(draw=init == "median")
+    draw = lambda k, consts, flat, reads: interpreter.run(closed.jaxpr, consts, flat, handler, k, reads)[2]
+    key = jax.random.key(0) if key is None else key
     if init == "median":
+        keys = jax.random.split(key, NUM_INIT_DRAWS)
+        draws = jax.jit(jax.vmap(draw, in_axes=(0, None, None, None)))(keys, closed.consts, flat, reads)
         locs = {a: jnp.median(u, axis=0) for a, u in draws.items()}
-        locs = {a: jnp.where(jnp.isfinite(u), u, 0.0) for a, u in locs.items()}
-    else:
-        locs = {a: jnp.zeros(u.shape[1:], u.dtype) for a, u in draws.items()}
-    for address, value in reads.items():  # exactly the given values, whatever the median did
-        locs[address] = jnp.median(draws[address], axis=0)
+        locs = {a: jnp.where(jnp.isfinite(u) | (a in reads), u, 0.0) for a, u in locs.items()}
+    else:  # no sampling at all: nothing to compile but the bijections
+        locs = jax.jit(draw)(key, closed.consts, flat, reads)
     sites = tuple(
         LatentSite(a, avals[a][0], locs[a].shape, handler.supports[a], tuple(contexts.get(a, ())))
         for a in handler.supports  # program order (the writes of a vmap come back sorted)
@@ -278,7 +319,7 @@ def _emit(site, make, emit, *batched):
     the guide's site has the model site's batch structure. `emit=False` returns the distribution's
     point `make(...).mean` instead (for `median`)."""
     if emit:
-        draw = lambda d, e, *xs: sample_site(site.address, make(d, *xs), None)
+        draw = lambda d, e, *xs: bind_site(site.address, make(d, *xs))
     else:
         draw = lambda d, e, *xs: make(d, *xs).mean
     return site.map(draw, site.leaves, *batched).astype(site.value_dtype)
@@ -344,7 +385,11 @@ def mean_field(model, *example_args, init_scale=0.1, init="median", init_values=
     """(guide, init_params): a mean-field Gaussian in unconstrained space, pushed through each
     latent site's `biject_to(support)` (NumPyro's AutoNormal); see the module docstring.
 
-    `example_args`: the model's arguments exactly as it is called (e.g. `(params, x)`)."""
+    `example_args`: the model's arguments exactly as it is called (e.g. `(params, x)`).
+    `init_scale`: the initial standard deviation of every unconstrained coordinate.
+    `init`: "median" (of 15 prior draws, in unconstrained space) or "zero"; `init_values`:
+    constrained values for some sites (a choice map), which override it. `key`: for the prior
+    draws (default `jax.random.key(0)`). `param_key`: nest the guide's parameters under this key."""
     log_scale = math.log(init_scale)
     return _mirrored(
         "mean_field",
@@ -362,7 +407,8 @@ def mean_field(model, *example_args, init_scale=0.1, init="median", init_values=
 
 def delta(model, *example_args, init="median", init_values=None, key=None, param_key=None):
     """(guide, init_params): a point mass at `biject_to(support)(loc)` at each latent site, log
-    density 0, so the ELBO is the log joint and maximizing it is MAP (NumPyro's AutoDelta)."""
+    density 0, so the ELBO is the log joint and maximizing it is MAP (NumPyro's AutoDelta).
+    Arguments as for `mean_field`."""
     return _mirrored(
         "delta",
         model,
@@ -456,7 +502,9 @@ class _FullRankSites:
         _check_continuous(site)
         start, stop = self.layout[site.address]
         if start != self.next:  # the conditionals need the blocks in program order
-            raise ValueError(f"the model reached the latent site '{site.name}' out of the order the guide was built with")
+            raise ValueError(
+                f"the model reached the latent site '{site.name}' out of the order the guide was built with"
+            )
         self.next = stop
         t = _SiteBijection(site)
         if t.size != stop - start:
@@ -468,7 +516,7 @@ class _FullRankSites:
         L_kk = self.L[start:stop, start:stop]
         if self.emit:
             q = nd.TransformedDistribution(nd.MultivariateNormal(mean, scale_tril=L_kk), t)
-            value = sample_site(site.address, q, None).astype(site.value_dtype)
+            value = bind_site(site.address, q).astype(site.value_dtype)
             u = t.inv(value)
             eps = jax.scipy.linalg.solve_triangular(L_kk, u - mean, lower=True)
             self.eps = self.eps.at[start:stop].set(eps)
@@ -481,7 +529,8 @@ def full_rank(model, *example_args, init_scale=0.1, init="median", init_values=N
     """(guide, init_params): one multivariate normal over all unconstrained latents (NumPyro's
     AutoMultivariateNormal), drawn as a chain of conditionals at the model's own addresses; see
     the module docstring. `guide.layout` gives each site's slice of the flat vector,
-    `guide.covariance(params)` the unconstrained covariance."""
+    `guide.covariance(params)` the unconstrained covariance. Arguments as for `mean_field`;
+    latents inside `scan`/`cond` raise `NotImplementedError`."""
     sites, locs = _prototype(model, example_args, init, init_values, key)
     nested = [s for s in sites if s.context]
     if nested:

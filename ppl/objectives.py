@@ -15,9 +15,11 @@ import jax.numpy as jnp
 from jax.lax import stop_gradient
 from numpyro.distributions import Categorical
 
+from ppl.choicemap import flatten_choices, nest_choices
 from ppl.expectation import density, expectation, sim
 from ppl.gen import with_estimators
 from ppl.marginal import marginal, sir
+from ppl.predictive import unobserved
 from transforms.estimators import reinforce
 from transforms.primitives import sample_site
 
@@ -212,5 +214,22 @@ def fivo(model_step, proposal_step, init_state, num_particles, resampling_gradie
         states = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_particles,) + jnp.shape(a)), init_state)
         (_, log_z), _ = jax.lax.scan(step, (states, jnp.zeros(())), xs)
         return log_z
+
+    return objective
+
+
+def sleep(model, guide, observed="x", data_argnum=0):
+    """Reweighted wake-sleep, sleep phase for the guide (Hinton et al., 1995; Bornschein & Bengio,
+    2015): draw a fantasy (z, x) from the model with its `obs=` sites unclamped, then maximize
+    log q(z | x), with x (the fantasy at address `observed`) in place of argument `data_argnum`."""
+
+    @expectation
+    def objective(params, *args):
+        fantasy, _ = sim(unobserved(model))(stop_gradient(params), *args)
+        flat = flatten_choices(fantasy)
+        address = observed if isinstance(observed, tuple) else (observed,)
+        dreamed = list(args)
+        dreamed[data_argnum] = flat.pop(address)
+        return density(guide)(nest_choices(flat), params, *dreamed)
 
     return objective

@@ -15,11 +15,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ppl.autoguide import observed_addresses
+from ppl.autoguide import bind_site, observed_addresses
 from ppl.choicemap import flatten_choices, nest_choices
 from ppl.gen import GenerativeFunction
 from transforms import interpreter
-from transforms.primitives import format_address, sample_p, sample_site
+from transforms.primitives import format_address, sample_p
 
 __all__ = ["predictive", "unobserved"]
 
@@ -31,7 +31,7 @@ class _Unobserve:
     def site(self, site, carry, read):
         if not site.observed:
             return sample_p.bind(*site.leaves, **site.params), carry, None
-        draw = lambda d, e: sample_site(site.address, d.base, None)
+        draw = lambda d, e: bind_site(site.address, d.base, site.scale)
         return site.map(draw, site.leaves).astype(site.value_dtype), carry, None
 
 

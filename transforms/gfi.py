@@ -27,14 +27,18 @@ def _score_zero():
 
 
 def _conform(site, value):
-    """A given choice as the site's array type (e.g. float 0/1 data at a Bernoulli site, or a
-    Python int at a Normal site, become the dtype the program computes with); its shape must match."""
+    """A given choice as an array of the site's shape. Integer values take the site's dtype (a
+    Python int at a Normal site becomes a float); a float value at an integer site stays a float
+    (truncating 0.5 to 0 would silently change the density)."""
+    value = jnp.asarray(value)
     if jnp.shape(value) != site.value_shape:
         raise ValueError(
             f"shape mismatch at address '{site.name}': the model draws shape {site.value_shape} "
             f"there, the given value has shape {jnp.shape(value)}"
         )
-    return jnp.asarray(value, site.value_dtype)
+    if jnp.issubdtype(site.value_dtype, jnp.inexact) or not jnp.issubdtype(value.dtype, jnp.inexact):
+        value = value.astype(site.value_dtype)
+    return value
 
 
 def _as_arrays(choices):

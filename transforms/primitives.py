@@ -191,6 +191,8 @@ class Site:
     def keys(self, key):
         if not self.batch_shape:
             return key
+        if math.prod(self.batch_shape) == 1:  # one element draws what the unbatched site draws
+            return key[(None,) * len(self.batch_shape)]
         return jax.random.split(key, math.prod(self.batch_shape)).reshape(self.batch_shape)
 
     def sample(self, key, leaves=None):

@@ -1,0 +1,326 @@
+"""`ppl.fit` and `ppl.svi`: the compiled loop compiles once, non-finite steps are skipped and
+counted, minibatch gradients are unbiased (exactly, over a partition of the data), and an
+objective a user writes trains like the library's."""
+
+import math
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import keys
+from jax import monitoring
+
+import ppl
+from ppl import dist, objectives
+
+# z ~ N(0, 1), x_i ~ N(z, 1): p(z | x) = N(sum x / (1 + n), 1 / sqrt(1 + n))
+DATA = jnp.array([1.2, -0.3, 2.1, 0.8, 1.6, 0.4, 1.1, 2.5])
+
+
+@ppl.gen
+def model(params, x):
+    z = ppl.sample("z", dist.Normal(0.0, 1.0))
+    ppl.sample("x", dist.Normal(z, 1.0).expand(x.shape), obs=x)
+
+
+@ppl.gen
+def guide(params, x):
+    ppl.sample("z", dist.Normal(params["loc"], jnp.exp(params["log_scale"])))
+
+
+def init_params():
+    return {"loc": jnp.array(0.0), "log_scale": jnp.array(0.0)}
+
+
+def posterior(x, likelihood_weight=1.0):
+    """(mean, std) of p(z) p(x | z)^likelihood_weight, normalized."""
+    precision = 1.0 + likelihood_weight * x.shape[0]
+    return float(likelihood_weight * jnp.sum(x) / precision), float(1.0 / math.sqrt(precision))
+
+
+def cosine_adam(learning_rate, steps):
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
+
+
+# -- compilation ---------------------------------------------------------------------------------
+
+
+class CompileCounter:
+    """Names of the programs XLA compiles while active (JAX's monitoring events)."""
+
+    def __init__(self):
+        self.names = []
+
+    def __call__(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.names.append(kwargs.get("fun_name"))
+
+    def __enter__(self):
+        monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        monitoring.unregister_event_duration_listener(self)
+
+
+def test_a_second_fit_on_the_same_shapes_does_not_recompile():
+    traces = []
+
+    @ppl.expectation
+    def elbo(params, x):
+        traces.append(1)  # runs once per Python-level trace of the objective's body
+        z, log_q = ppl.sim(guide)(params, x)
+        return ppl.density(model)(z, params, x) - log_q
+
+    optimizer = optax.adam(0.05)
+    with CompileCounter() as first:
+        params, losses = ppl.fit(
+            elbo, init_params(), DATA, optimizer=optimizer, steps=300, key=jax.random.key(0), progress=False
+        )
+    # one trace of the body for 300 steps in 3 chunks: the step is staged once, not once per step or chunk
+    assert len(traces) == 1
+    assert first.names.count("jit(chunk)") == 1, first.names  # the compiled loop (a failure here may be a rename)
+    assert losses.shape == (300,)
+
+    # another fit: other initial values, another key, another number of steps (the last chunk is
+    # partial), data of the same shape but other values
+    other = {"loc": jnp.array(1.0), "log_scale": jnp.array(-1.0)}
+    with CompileCounter() as second:
+        params2, losses2 = ppl.fit(
+            elbo, other, DATA + 0.5, optimizer=optimizer, steps=250, key=jax.random.key(1), progress=False
+        )
+    assert len(traces) == 1
+    assert "jit(chunk)" not in second.names, second.names
+    assert losses2.shape == (250,)
+    # and it did optimize: each fit is near its own posterior
+    assert abs(float(params["loc"]) - posterior(DATA)[0]) < 0.15
+    assert abs(float(params2["loc"]) - posterior(DATA + 0.5)[0]) < 0.15
+
+    # negative control: a new optimizer object is a new compiled loop (the cache is keyed on it)
+    with CompileCounter() as third:
+        ppl.fit(elbo, init_params(), DATA, optimizer=optax.adam(0.05), steps=100, key=jax.random.key(2), progress=False)
+    assert third.names.count("jit(chunk)") == 1, third.names
+
+
+# -- non-finite steps ------------------------------------------------------------------------------
+
+
+@ppl.gen
+def point_guide(params, flag):
+    ppl.sample("z", dist.Normal(params["loc"], 1.0))
+
+
+@ppl.expectation
+def nan_when_flagged(params, flag):
+    """Maximized at loc = 1; NaN whenever the data flag is set."""
+    z, _ = ppl.sim(point_guide)(params, flag)
+    return -((z["z"] - 1.0) ** 2) + jnp.where(flag > 0, jnp.nan, 0.0)
+
+
+@ppl.expectation
+def nan_in_the_tail(params, flag):
+    """NaN (value and gradient) for the draws more than 1.5 from 1: about 13% of the steps near
+    loc = 1 (symmetric, so that skipping them leaves the optimum at 1)."""
+    z, _ = ppl.sim(point_guide)(params, flag)
+    return -((z["z"] - 1.0) ** 2) + jnp.where(jnp.abs(z["z"] - 1.0) > 1.5, jnp.nan, 0.0)
+
+
+@jax.custom_jvp
+def _poison(z):
+    return jnp.zeros_like(z)
+
+
+@_poison.defjvp
+def _poison_jvp(primals, tangents):
+    (z,), (t,) = primals, tangents
+    return _poison(z), jnp.where(jnp.abs(z - 1.0) > 1.5, jnp.nan, 0.0) * t
+
+
+@ppl.expectation
+def nan_gradient_in_the_tail(params, flag):
+    """A finite value whose gradient is NaN for the draws more than 1.5 from 1."""
+    z, _ = ppl.sim(point_guide)(params, flag)
+    return -((z["z"] - 1.0) ** 2) + _poison(z["z"])
+
+
+def _fit_counting_skips(objective, flag, steps=400):
+    params = {"loc": jnp.array(0.0)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params, losses = ppl.fit(
+            objective, params, flag, optimizer=optax.adam(0.05), steps=steps, key=jax.random.key(3), progress=False
+        )
+    messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    if not messages:
+        return params, losses, 0
+    (message,) = messages
+    skipped, total = map(int, re.search(r"skipped (\d+) of (\d+)", message).groups())
+    assert total == steps
+    return params, losses, skipped
+
+
+def test_every_step_is_skipped_when_the_objective_is_nan():
+    params, losses, skipped = _fit_counting_skips(nan_when_flagged, jnp.array(1.0))
+    assert skipped == 400 and np.all(np.isnan(losses))
+    assert float(params["loc"]) == 0.0  # untouched: no update was applied
+    # the same program without the flag trains, and warns about nothing
+    params, losses, skipped = _fit_counting_skips(nan_when_flagged, jnp.array(0.0))
+    assert skipped == 0 and np.all(np.isfinite(losses))
+    assert abs(float(params["loc"]) - 1.0) < 0.2
+
+
+def test_the_steps_with_a_nan_loss_are_skipped_and_counted():
+    params, losses, skipped = _fit_counting_skips(nan_in_the_tail, jnp.array(0.0))
+    nan_steps = int(np.sum(np.isnan(losses)))
+    assert 0 < skipped < 400 and skipped == nan_steps, (skipped, nan_steps)
+    # the other steps trained normally: the parameters are finite and near the optimum
+    assert np.isfinite(float(params["loc"])) and abs(float(params["loc"]) - 1.0) < 0.3
+
+
+def test_a_step_with_a_finite_loss_but_a_nan_gradient_is_skipped():
+    params, losses, skipped = _fit_counting_skips(nan_gradient_in_the_tail, jnp.array(0.0))
+    assert np.all(np.isfinite(losses))
+    assert 0 < skipped < 400
+    assert np.isfinite(float(params["loc"])) and abs(float(params["loc"]) - 1.0) < 0.3
+
+
+def test_a_skipped_svi_step_leaves_the_state_unchanged():
+    vi = ppl.svi(nan_gradient_in_the_tail, optax.adam(0.1))
+    state = vi.init({"loc": jnp.array(2.5)})  # half the draws land more than 1.5 from 1
+    step = jax.jit(vi.step)
+    outcomes = [step(k, state, jnp.array(0.0)) for k in keys(20, seed=4)]
+    skipped = [bool(info["skipped"]) for _, info in outcomes]
+    assert any(skipped) and not all(skipped)
+    for (new, _), was_skipped in zip(outcomes, skipped):
+        assert int(new.step) == 1
+        same = jax.tree.leaves(
+            jax.tree.map(
+                lambda a, b: bool(jnp.all(a == b)), (new.params, new.opt_state), (state.params, state.opt_state)
+            )
+        )
+        assert all(same) == was_skipped
+
+
+# -- minibatches ----------------------------------------------------------------------------------
+
+N = DATA.shape[0]
+
+
+def minibatch_elbo(estimator, scaled=True):
+    """The ELBO with the log-likelihood of a minibatch scaled by N / batch size, by hand."""
+    g = ppl.with_estimators(guide, {"z": estimator})
+
+    @ppl.expectation
+    def objective(params, batch):
+        z, log_q = ppl.sim(g)(params, batch)
+        log_prior = dist.Normal(0.0, 1.0).log_prob(z["z"])
+        log_lik = jnp.sum(dist.Normal(z["z"], 1.0).log_prob(batch)) * (N / batch.shape[0] if scaled else 1.0)
+        return log_prior + log_lik - log_q
+
+    return objective
+
+
+def _partition_average(objective, key, params, num_batches):
+    vg = jax.jit(objective.value_and_grad_estimate)
+    batches = DATA[jax.random.permutation(jax.random.key(6), N)].reshape(num_batches, -1)
+    values, grads = zip(*(vg(key, params, b) for b in batches))
+    return np.mean(values), {name: np.array([g[name] for g in grads]) for name in params}, vg(key, params, DATA)
+
+
+@pytest.mark.parametrize("estimator", [ppl.reparam(), ppl.reinforce()], ids=["reparam", "reinforce"])
+def test_minibatch_gradients_average_to_the_full_data_gradient(estimator):
+    """With the same key (so the same draw of z), the gradients over a partition of the data into
+    minibatches average to the full-data gradient: the scaled log-likelihood is linear in the data."""
+    params = {"loc": jnp.array(0.3), "log_scale": jnp.array(-0.5)}
+    for key in keys(5, seed=5):
+        value, grads, (full_value, full_grad) = _partition_average(minibatch_elbo(estimator), key, params, 4)
+        np.testing.assert_allclose(value, full_value, rtol=1e-5)
+        for name in params:
+            np.testing.assert_allclose(np.mean(grads[name]), full_grad[name], rtol=1e-5, atol=1e-5)
+            assert np.std(grads[name]) > 1e-2  # each minibatch's gradient differs from the average
+    # negative control: without the N / batch size factor the average is not the full-data gradient
+    _, grads, (_, full_grad) = _partition_average(minibatch_elbo(estimator, scaled=False), key, params, 4)
+    assert not np.allclose(np.mean(grads["loc"]), full_grad["loc"], rtol=0.1)
+
+
+@ppl.gen
+def datum(z, x):
+    ppl.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+@ppl.gen
+def subsampled_model(params, batch):
+    z = ppl.sample("z", dist.Normal(0.0, 1.0))
+    likelihood = ppl.plate(datum, size=N, subsample_size=batch.shape[0], in_axes=(None, 0))
+    ppl.sample("data", likelihood, z, batch)
+
+
+@pytest.mark.parametrize("how", ["by-hand", "plate"])
+def test_fit_with_minibatches_reaches_the_full_data_posterior(how):
+    steps = 4000
+    objective = minibatch_elbo(ppl.reparam()) if how == "by-hand" else objectives.elbo(subsampled_model, guide)
+    params, _ = ppl.fit(
+        objective,
+        init_params(),
+        DATA,
+        optimizer=cosine_adam(0.02, steps),
+        steps=steps,
+        batch_size=2,
+        key=jax.random.key(8),
+        progress=False,
+    )
+    mean, std = posterior(DATA)
+    assert abs(float(params["loc"]) - mean) < 0.06, (params, mean)
+    assert abs(float(jnp.exp(params["log_scale"])) - std) < 0.06, (params, std)
+
+
+# -- an objective written by a user ----------------------------------------------------------------
+
+
+def tempered_elbo(likelihood_weight):
+    """E_q[log p(z) + w log p(x | z) - log q(z)], maximized by q(z) proportional to p(z) p(x | z)^w."""
+
+    @ppl.expectation
+    def objective(params, x):
+        z, log_q = ppl.sim(guide)(params, x)
+        z = z["z"]
+        return dist.Normal(0.0, 1.0).log_prob(z) + likelihood_weight * jnp.sum(dist.Normal(z, 1.0).log_prob(x)) - log_q
+
+    return objective
+
+
+def analytic_kl_elbo(likelihood_weight):
+    """The same bound with the KL term in closed form and a Monte Carlo likelihood term."""
+
+    @ppl.expectation
+    def objective(params, x):
+        loc, scale = params["loc"], jnp.exp(params["log_scale"])
+        kl = jnp.log(1.0 / scale) + (scale**2 + loc**2) / 2.0 - 0.5  # KL(N(loc, scale) || N(0, 1))
+        z, _ = ppl.sim(guide)(params, x)
+        return likelihood_weight * jnp.sum(dist.Normal(z["z"], 1.0).log_prob(x)) - kl
+
+    return objective
+
+
+@pytest.mark.parametrize("build", [tempered_elbo, analytic_kl_elbo], ids=["tempered", "analytic-kl"])
+def test_a_user_written_objective_trains_through_fit(build):
+    steps, weight = 5000, 0.5
+    params, losses = ppl.fit(
+        build(weight),
+        init_params(),
+        DATA,
+        optimizer=cosine_adam(0.02, steps),
+        steps=steps,
+        key=jax.random.key(9),
+        progress=False,
+    )
+    mean, std = posterior(DATA, weight)
+    assert abs(float(params["loc"]) - mean) < 0.03, (params, mean)
+    assert abs(float(jnp.exp(params["log_scale"])) - std) < 0.03, (params, std)
+    # it found the tempered posterior, not the posterior (the two differ by much more than the tolerance)
+    assert abs(posterior(DATA)[0] - mean) > 0.1
+    assert np.mean(losses[-200:]) < np.mean(losses[:50])
