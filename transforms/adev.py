@@ -169,16 +169,18 @@ class Interpreter:
 
     def inline(self, eqns, i, eqn, duals, env, state, k):
         inner, consts = compat.inline_jaxpr(eqn)
-        inner_env = {v: (c, None) for v, c in zip(inner.constvars, consts)}
-        inner_env.update(zip(inner.invars, duals))
+        return self.then_continue(inner, consts, duals, state, eqns, i, env, k)
 
-        def back(ienv, s):
+    def then_continue(self, jaxpr, consts, duals, state, eqns, i, env, k):
+        """Evaluate `jaxpr` on `duals`, bind its outputs to eqns[i]'s outputs, and go on after it."""
+
+        def back(sub_env, s):
             outer = dict(env)
-            for v, atom in zip(eqn.outvars, inner.outvars):
-                outer[v] = self.read(ienv, atom)
+            for v, atom in zip(eqns[i].outvars, jaxpr.outvars):
+                outer[v] = self.read(sub_env, atom)
             return self.run(eqns, i + 1, outer, s, k)
 
-        return self.run(inner.eqns, 0, inner_env, state, back)
+        return self.run(jaxpr.eqns, 0, _bind(jaxpr, consts, duals), state, back)
 
     def body(self, closed, scope):
         """A function (duals, state) -> (out duals, state) evaluating a sub-jaxpr locally."""
@@ -186,8 +188,7 @@ class Interpreter:
         jaxpr = closed.jaxpr
 
         def f(duals, state):
-            env = {v: (c, None) for v, c in zip(jaxpr.constvars, closed.consts)}
-            env.update(zip(jaxpr.invars, duals))
+            env = _bind(jaxpr, closed.consts, duals)
             return inner.run(jaxpr.eqns, 0, env, state, lambda e, s: ([inner.read(e, v) for v in jaxpr.outvars], s))
 
         return f
@@ -245,23 +246,16 @@ class Interpreter:
         index, ops = duals[0][0], duals[1:]
 
         def branch(closed):
-            jaxpr = closed.jaxpr
-
-            def f(ops, s):
-                benv = {v: (c, None) for v, c in zip(jaxpr.constvars, closed.consts)}
-                benv.update(zip(jaxpr.invars, ops))
-
-                def back(e, s2):
-                    outer = dict(env)
-                    for v, atom in zip(eqn.outvars, jaxpr.outvars):
-                        outer[v] = self.read(e, atom)
-                    return self.run(eqns, i + 1, outer, s2, k)
-
-                return self.run(jaxpr.eqns, 0, benv, s, back)
-
-            return f
+            return lambda ops, s: self.then_continue(closed.jaxpr, closed.consts, ops, s, eqns, i, env, k)
 
         return lax.switch(index, [branch(br) for br in eqn.params["branches"]], ops, state)
+
+
+def _bind(jaxpr, consts, duals):
+    """An environment binding a jaxpr's constants (without tangents) and inputs (duals)."""
+    env = {v: (c, None) for v, c in zip(jaxpr.constvars, consts)}
+    env.update(zip(jaxpr.invars, duals))
+    return env
 
 
 def _row(x):
@@ -320,8 +314,7 @@ def dual_estimate(closed, key, args, tangents):
     """(value, tangent) of one unbiased estimate of the program's expectation and its derivative
     along `tangents` (a list aligned with `args`, None where there is no tangent)."""
     jaxpr = closed.jaxpr
-    env = {v: (c, None) for v, c in zip(jaxpr.constvars, closed.consts)}
-    env.update({v: (a, t) for v, a, t in zip(jaxpr.invars, args, tangents)})
+    env = _bind(jaxpr, closed.consts, list(zip(args, tangents)))
     dtype = jaxpr.outvars[0].aval.dtype
     zero = None if tangents is None else jnp.zeros((), dtype)
     interp = Interpreter(primal_only=False)

@@ -111,7 +111,7 @@ def test_a_second_fit_on_the_same_shapes_does_not_recompile():
 
 @ppl.gen
 def point_guide(params, flag):
-    ppl.sample("z", dist.Normal(params["loc"], 1.0))
+    ppl.sample("z", dist.Normal(params["loc"], 0.3))
 
 
 @ppl.expectation
@@ -123,10 +123,10 @@ def nan_when_flagged(params, flag):
 
 @ppl.expectation
 def nan_in_the_tail(params, flag):
-    """NaN (value and gradient) for the draws more than 1.5 from 1: about 13% of the steps near
+    """NaN (value and gradient) for the draws more than 0.45 from 1: about 13% of the steps near
     loc = 1 (symmetric, so that skipping them leaves the optimum at 1)."""
     z, _ = ppl.sim(point_guide)(params, flag)
-    return -((z["z"] - 1.0) ** 2) + jnp.where(jnp.abs(z["z"] - 1.0) > 1.5, jnp.nan, 0.0)
+    return -((z["z"] - 1.0) ** 2) + jnp.where(jnp.abs(z["z"] - 1.0) > 0.45, jnp.nan, 0.0)
 
 
 @jax.custom_jvp
@@ -137,60 +137,63 @@ def _poison(z):
 @_poison.defjvp
 def _poison_jvp(primals, tangents):
     (z,), (t,) = primals, tangents
-    return _poison(z), jnp.where(jnp.abs(z - 1.0) > 1.5, jnp.nan, 0.0) * t
+    return _poison(z), jnp.where(jnp.abs(z - 1.0) > 0.45, jnp.nan, 0.0) * t
 
 
 @ppl.expectation
 def nan_gradient_in_the_tail(params, flag):
-    """A finite value whose gradient is NaN for the draws more than 1.5 from 1."""
+    """A finite value whose gradient is NaN for the draws more than 0.45 from 1."""
     z, _ = ppl.sim(point_guide)(params, flag)
     return -((z["z"] - 1.0) ** 2) + _poison(z["z"])
 
 
-def _fit_counting_skips(objective, flag, steps=400):
-    params = {"loc": jnp.array(0.0)}
+SKIP_STEPS = 400
+SKIP_OPTIMIZER = optax.adam(optax.cosine_decay_schedule(0.05, SKIP_STEPS))  # one object: one compile per objective
+
+
+def _fit_counting_skips(objective, flag):
+    """(params, losses, number of skipped steps that fit's warning reports)."""
+    params = {"loc": jnp.array(0.7)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         params, losses = ppl.fit(
-            objective, params, flag, optimizer=optax.adam(0.05), steps=steps, key=jax.random.key(3), progress=False
+            objective, params, flag, optimizer=SKIP_OPTIMIZER, steps=SKIP_STEPS, key=jax.random.key(3), progress=False
         )
     messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
     if not messages:
         return params, losses, 0
     (message,) = messages
     skipped, total = map(int, re.search(r"skipped (\d+) of (\d+)", message).groups())
-    assert total == steps
+    assert total == SKIP_STEPS
     return params, losses, skipped
 
 
 def test_every_step_is_skipped_when_the_objective_is_nan():
     params, losses, skipped = _fit_counting_skips(nan_when_flagged, jnp.array(1.0))
-    assert skipped == 400 and np.all(np.isnan(losses))
-    assert float(params["loc"]) == 0.0  # untouched: no update was applied
+    assert skipped == SKIP_STEPS and np.all(np.isnan(losses))
+    assert float(params["loc"]) == 0.7  # untouched: no update was applied
     # the same program without the flag trains, and warns about nothing
     params, losses, skipped = _fit_counting_skips(nan_when_flagged, jnp.array(0.0))
     assert skipped == 0 and np.all(np.isfinite(losses))
     assert abs(float(params["loc"]) - 1.0) < 0.2
 
 
-def test_the_steps_with_a_nan_loss_are_skipped_and_counted():
+def test_steps_with_a_nan_loss_or_a_nan_gradient_are_skipped_and_counted():
     params, losses, skipped = _fit_counting_skips(nan_in_the_tail, jnp.array(0.0))
     nan_steps = int(np.sum(np.isnan(losses)))
-    assert 0 < skipped < 400 and skipped == nan_steps, (skipped, nan_steps)
+    assert 0 < skipped < SKIP_STEPS and skipped == nan_steps, (skipped, nan_steps)
     # the other steps trained normally: the parameters are finite and near the optimum
-    assert np.isfinite(float(params["loc"])) and abs(float(params["loc"]) - 1.0) < 0.3
-
-
-def test_a_step_with_a_finite_loss_but_a_nan_gradient_is_skipped():
-    params, losses, skipped = _fit_counting_skips(nan_gradient_in_the_tail, jnp.array(0.0))
-    assert np.all(np.isfinite(losses))
-    assert 0 < skipped < 400
-    assert np.isfinite(float(params["loc"])) and abs(float(params["loc"]) - 1.0) < 0.3
+    assert abs(float(params["loc"]) - 1.0) < 0.2, params
+    # a finite loss whose gradient is NaN on the same draws (same key): the same steps are skipped
+    params2, losses2, skipped2 = _fit_counting_skips(nan_gradient_in_the_tail, jnp.array(0.0))
+    assert np.all(np.isfinite(losses2))
+    assert skipped2 == skipped
+    np.testing.assert_allclose(params2["loc"], params["loc"], rtol=1e-5)
 
 
 def test_a_skipped_svi_step_leaves_the_state_unchanged():
     vi = ppl.svi(nan_gradient_in_the_tail, optax.adam(0.1))
-    state = vi.init({"loc": jnp.array(2.5)})  # half the draws land more than 1.5 from 1
+    state = vi.init({"loc": jnp.array(1.45)})  # half the draws land more than 0.45 from 1
     step = jax.jit(vi.step)
     outcomes = [step(k, state, jnp.array(0.0)) for k in keys(20, seed=4)]
     skipped = [bool(info["skipped"]) for _, info in outcomes]
@@ -259,23 +262,29 @@ def subsampled_model(params, batch):
     ppl.sample("data", likelihood, z, batch)
 
 
-@pytest.mark.parametrize("how", ["by-hand", "plate"])
-def test_fit_with_minibatches_reaches_the_full_data_posterior(how):
-    steps = 4000
-    objective = minibatch_elbo(ppl.reparam()) if how == "by-hand" else objectives.elbo(subsampled_model, guide)
-    params, _ = ppl.fit(
-        objective,
-        init_params(),
-        DATA,
-        optimizer=cosine_adam(0.02, steps),
-        steps=steps,
-        batch_size=2,
-        key=jax.random.key(8),
-        progress=False,
-    )
-    mean, std = posterior(DATA)
-    assert abs(float(params["loc"]) - mean) < 0.06, (params, mean)
-    assert abs(float(jnp.exp(params["log_scale"])) - std) < 0.06, (params, std)
+def test_fit_with_minibatches_reaches_the_full_data_posterior():
+    """Minibatches of 2 of the 8 points, scaled by hand or by `ppl.plate(subsample_size=...)`: the
+    same program, so the same fit for the same key; both reach the full-data posterior."""
+    steps = 10_000
+    fitted = []
+    for objective in (minibatch_elbo(ppl.reparam()), objectives.elbo(subsampled_model, guide)):
+        params, _ = ppl.fit(
+            objective,
+            init_params(),
+            DATA,
+            optimizer=cosine_adam(0.01, steps),
+            steps=steps,
+            batch_size=2,
+            key=jax.random.key(8),
+            progress=False,
+        )
+        fitted.append(params)
+        mean, std = posterior(DATA)
+        assert abs(float(params["loc"]) - mean) < 0.06, (params, mean)
+        assert abs(float(jnp.exp(params["log_scale"])) - std) < 0.06, (params, std)
+    by_hand, plate = fitted
+    for name in by_hand:
+        np.testing.assert_allclose(plate[name], by_hand[name], atol=1e-3)
 
 
 # -- an objective written by a user ----------------------------------------------------------------
@@ -308,19 +317,19 @@ def analytic_kl_elbo(likelihood_weight):
 
 @pytest.mark.parametrize("build", [tempered_elbo, analytic_kl_elbo], ids=["tempered", "analytic-kl"])
 def test_a_user_written_objective_trains_through_fit(build):
-    steps, weight = 5000, 0.5
+    steps, weight = 10_000, 0.25
     params, losses = ppl.fit(
         build(weight),
         init_params(),
         DATA,
-        optimizer=cosine_adam(0.02, steps),
+        optimizer=cosine_adam(0.01, steps),
         steps=steps,
         key=jax.random.key(9),
         progress=False,
     )
     mean, std = posterior(DATA, weight)
-    assert abs(float(params["loc"]) - mean) < 0.03, (params, mean)
-    assert abs(float(jnp.exp(params["log_scale"])) - std) < 0.03, (params, std)
+    assert abs(float(params["loc"]) - mean) < 0.05, (params, mean)
+    assert abs(float(jnp.exp(params["log_scale"])) - std) < 0.05, (params, std)
     # it found the tempered posterior, not the posterior (the two differ by much more than the tolerance)
-    assert abs(posterior(DATA)[0] - mean) > 0.1
+    assert abs(posterior(DATA)[0] - mean) > 0.2 and abs(posterior(DATA)[1] - std) > 0.2
     assert np.mean(losses[-200:]) < np.mean(losses[:50])
