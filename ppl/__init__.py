@@ -9,41 +9,45 @@ from ppl.choicemap import ChoiceMap, Trace
 from ppl.expectation import Expectation, density, expectation, sim
 from ppl.gen import GenerativeFunction, gen, plate, sample, scale, scan, vmap, with_estimators
 from ppl.marginal import marginal, normalize, sir
+from ppl.params import Constrained, constrain, constrained
 from ppl.predictive import predictive
 from ppl.train import SVI, SVIState, fit, svi
 from transforms.estimators import Estimator, EstimatorError, enum, mvd, reinforce, reparam
 
 __all__ = [
-    "SVI",
-    "SVIState",
     "ChoiceMap",
+    "Constrained",
     "Estimator",
     "EstimatorError",
     "Expectation",
     "GenerativeFunction",
+    "SVI",
+    "SVIState",
     "Trace",
     "autoguide",
+    "constrain",
+    "constrained",
     "density",
     "diagnostics",
     "dist",
     "enum",
     "expectation",
     "fit",
+    "gen",
     "marginal",
+    "mvd",
     "normalize",
     "objectives",
-    "predictive",
-    "sir",
-    "svi",
-    "gen",
-    "mvd",
-    "reinforce",
     "plate",
+    "predictive",
+    "reinforce",
     "reparam",
     "sample",
     "scale",
     "scan",
     "sim",
+    "sir",
+    "svi",
     "vmap",
     "with_estimators",
 ]

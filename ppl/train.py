@@ -53,7 +53,7 @@ def svi(objective, optimizer):
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = SVIState(keep(params, state.params), keep(opt_state, state.opt_state), state.step + 1)
-        info = {"loss": -value, "grad_norm": optax.global_norm(grads), "skipped": ~finite}
+        info = {"loss": -value, "grad_norm": optax.tree.norm(grads), "skipped": ~finite}
         return new_state, info
 
     return SVI(init, step)

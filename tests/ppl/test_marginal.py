@@ -193,6 +193,22 @@ def reweighted_wake_sleep(num_particles):
     return objective
 
 
+MODEL_SIDE = ("theta", "r_c", "r_d", "r_log_s")
+
+
+@pytest.mark.parametrize("phase", ["wake_p", "wake_q"])
+def test_each_wake_phase_moves_only_its_own_parameters(phase):
+    build = objectives.rws_wake_p if phase == "wake_p" else objectives.rws_wake_q
+    objective = build(extended_model, guide, 10)
+    grads = jax.jit(jax.vmap(lambda k: objective.grad_estimate(k, FIXED, X)))(keys(200, 20))
+    own = MODEL_SIDE if phase == "wake_p" else tuple(n for n in FIXED if n not in MODEL_SIDE)
+    for name, g in grads.items():
+        if name in own:
+            assert np.std(g) > 1e-3 or abs(np.mean(g)) > 1e-3, (phase, name)
+        else:
+            np.testing.assert_array_equal(g, 0.0, err_msg=f"{phase} moved {name}")
+
+
 @pytest.mark.parametrize(
     "name, build",
     [
