@@ -316,7 +316,7 @@ def dual_estimate(closed, key, args, tangents):
     jaxpr = closed.jaxpr
     env = _bind(jaxpr, closed.consts, list(zip(args, tangents)))
     dtype = jaxpr.outvars[0].aval.dtype
-    zero = None if tangents is None else jnp.zeros((), dtype)
+    zero = jnp.zeros((), dtype) if any(t is not None for t in tangents) else None
     interp = Interpreter(primal_only=False)
     return interp.run(jaxpr.eqns, 0, env, State(key, zero, zero), finish(jaxpr.outvars[0]))
 
@@ -347,7 +347,7 @@ def estimator_fn(closed):
             for a, t in zip(args, arg_tangents)
         ]
         value, tangent = dual_estimate(closed, key, args, arg_tangents)
-        return value, tangent
+        return value, jnp.zeros_like(value) if tangent is None else tangent
 
     f.defjvp(f_jvp, symbolic_zeros=True)
     return f

@@ -164,9 +164,10 @@ class Enum(Estimator):
         log_p, dlog_p = jax.vmap(lambda v: site.jvp_leaves(lambda ls: site.log_prob(v, ls)))(values)
         primals, tangents = jax.vmap(lambda v: cont(v))(values)
         p = jnp.exp(log_p)
-        tangent = jnp.sum(p * tangents)
+        tangent = None if tangents is None else jnp.sum(p * tangents)
         if dlog_p is not None:
-            tangent = tangent + jnp.sum(p * dlog_p * primals)
+            score_term = jnp.sum(p * dlog_p * primals)
+            tangent = score_term if tangent is None else tangent + score_term
         return jnp.sum(p * primals), tangent
 
 
