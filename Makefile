@@ -23,6 +23,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.vae_step
+	$(BIN)/python -m benchmarks.enum_scaling
 
 clean:
 	rm -rf $(VENV)
