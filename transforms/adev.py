@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from transforms import compat, estimators
-from transforms.interpreter import eqn_contains_sample, unsupported
-from transforms.primitives import Site, sample_p
+from transforms.interpreter import eqn_contains_sample, site_avals, unsupported
+from transforms.primitives import Site, format_address, sample_p
 
 
 class State(NamedTuple):
@@ -84,7 +84,9 @@ class Interpreter:
         self.primal_only, self.scope = primal_only, scope
 
     def run(self, eqns, i, env, state, k):
-        """Evaluate eqns[i:] then call k(env, state); returns what k (or a rule) returns."""
+        """Evaluate eqns[i:] then call k(env, state, interpreter); returns what k (or a rule)
+        returns. Continuations take the interpreter that reaches them, so a primal-only fork that
+        leaves a sub-program (a jit body, a cond branch, an unrolled scan step) stays primal-only."""
         while i < len(eqns):
             eqn = eqns[i]
             duals = [self.read(env, v) for v in eqn.invars]
@@ -95,6 +97,8 @@ class Interpreter:
             elif eqn.primitive.name in compat.INLINE_CALLS:
                 return self.inline(eqns, i, eqn, duals, env, state, k)
             elif eqn.primitive.name == "scan":
+                if self.scope is None and not self.primal_only and _has_nonlocal_site(eqn):
+                    return self.scan_unrolled(eqns, i, eqn, duals, env, state, k)
                 outs, state = self.scan(eqn, duals, state)
             elif eqn.primitive.name == "cond":
                 if self.scope is None and not self.primal_only and _has_nonlocal_site(eqn):
@@ -106,7 +110,7 @@ class Interpreter:
             for v, d in zip(eqn.outvars, outs):
                 env[v] = d
             i += 1
-        return k(env, state)
+        return k(env, state, self)
 
     @staticmethod
     def read(env, atom):
@@ -174,11 +178,11 @@ class Interpreter:
     def then_continue(self, jaxpr, consts, duals, state, eqns, i, env, k):
         """Evaluate `jaxpr` on `duals`, bind its outputs to eqns[i]'s outputs, and go on after it."""
 
-        def back(sub_env, s):
+        def back(sub_env, s, interp):
             outer = dict(env)
             for v, atom in zip(eqns[i].outvars, jaxpr.outvars):
-                outer[v] = self.read(sub_env, atom)
-            return self.run(eqns, i + 1, outer, s, k)
+                outer[v] = interp.read(sub_env, atom)
+            return interp.run(eqns, i + 1, outer, s, k)
 
         return self.run(jaxpr.eqns, 0, _bind(jaxpr, consts, duals), state, back)
 
@@ -189,7 +193,7 @@ class Interpreter:
 
         def f(duals, state):
             env = _bind(jaxpr, closed.consts, duals)
-            return inner.run(jaxpr.eqns, 0, env, state, lambda e, s: ([inner.read(e, v) for v in jaxpr.outvars], s))
+            return inner.run(jaxpr.eqns, 0, env, state, lambda e, s, _: ([inner.read(e, v) for v in jaxpr.outvars], s))
 
         return f
 
@@ -242,6 +246,38 @@ class Interpreter:
         outs, state = lax.switch(index, [padded(f) for f in fns], ops, state)
         return [(o, t if h else None) for (o, t), h in zip(outs, has_t)], state
 
+    def scan_unrolled(self, eqns, i, eqn, duals, env, state, k):
+        """A top-level scan whose body holds non-local sites, unrolled (at most UNROLL_LIMIT
+        iterations) so that each iteration's continuation is the later iterations and the rest."""
+        p = eqn.params
+        nc, nk, length, body = p["num_consts"], p["num_carry"], p["length"], p["jaxpr"]
+        if length > UNROLL_LIMIT:
+            names = ", ".join(f"'{format_address(a)}'" for a in site_avals(body.jaxpr))
+            raise NotImplementedError(
+                f"a scan of length {length} holds sites ({names}) whose estimators need the rest of the "
+                f"program; such scans are unrolled up to length {UNROLL_LIMIT}: use reparam/reinforce there"
+            )
+        consts, init, xs = duals[:nc], duals[nc : nc + nk], duals[nc + nk :]
+        order = list(range(length))[::-1] if p["reverse"] else list(range(length))
+
+        def iteration(n, carry, ys, s, interp):
+            if n == length:
+                ys = [ys[t] for t in range(length)]
+                outer = dict(env)
+                for v, d in zip(eqns[i].outvars, carry + [_stack(col) for col in zip(*ys)]):
+                    outer[v] = d
+                return interp.run(eqns, i + 1, outer, s, k)
+            t = order[n]
+            x_t = [(x[t], None if tx is None else tx[t]) for x, tx in xs]
+
+            def back(benv, s2, interp2):
+                outs = [interp2.read(benv, a) for a in body.jaxpr.outvars]
+                return iteration(n + 1, outs[:nk], {**ys, t: outs[nk:]}, s2, interp2)
+
+            return interp.run(body.jaxpr.eqns, 0, _bind(body.jaxpr, body.consts, consts + carry + x_t), s, back)
+
+        return iteration(0, init, {}, state, self)
+
     def cond_with_continuation(self, eqns, i, eqn, duals, env, state, k):
         index, ops = duals[0][0], duals[1:]
 
@@ -249,6 +285,17 @@ class Interpreter:
             return lambda ops, s: self.then_continue(closed.jaxpr, closed.consts, ops, s, eqns, i, env, k)
 
         return lax.switch(index, [branch(br) for br in eqn.params["branches"]], ops, state)
+
+
+UNROLL_LIMIT = 32
+
+
+def _stack(duals):
+    """One dual of stacked values (zeros stand in for absent tangents when some are present)."""
+    primal = jnp.stack([p for p, _ in duals])
+    if all(t is None for _, t in duals):
+        return primal, None
+    return primal, jnp.stack([jnp.zeros_like(p) if t is None else t for p, t in duals])
 
 
 def _bind(jaxpr, consts, duals):
@@ -290,9 +337,8 @@ def _static_estimator(eqn):
 def _primal_k(k):
     """Continuation end for primal-only forks: the final primal value."""
 
-    def finish(env, state):
-        out = k(env, state)
-        return out[0]
+    def finish(env, state, interp):
+        return k(env, state, interp)[0]
 
     return finish
 
@@ -300,8 +346,8 @@ def _primal_k(k):
 def finish(out_var):
     """The top-level end of the program: its value, with pending REINFORCE terms resolved."""
 
-    def k(env, state):
-        value, tangent = Interpreter.read(env, out_var)
+    def k(env, state, interp):
+        value, tangent = interp.read(env, out_var)
         if state.score is None:
             return value, None
         tangent = jnp.zeros_like(value) if tangent is None else tangent

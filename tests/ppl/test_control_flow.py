@@ -2,6 +2,7 @@
 lax.switch (also under vmap with a batched predicate), fori_loop, nested jit and nested generative
 function calls; both through the generative-function interface and inside `@ppl.expectation`."""
 
+import itertools
 import math
 
 import jax
@@ -463,19 +464,54 @@ def test_mvd_sites_inside_a_top_level_cond_are_unbiased():
     assert within_stderr(np.stack(grads, 1), COND_GRAD)
 
 
-@pytest.mark.parametrize("estimator", [ppl.enum(), ppl.mvd()], ids=["enum", "mvd"])
-def test_non_local_estimator_inside_scan_names_the_address(estimator):
+def flips_in_scan(estimator, length=3):
     @ppl.expectation
     def objective(q):
-        step = lambda c, _: (c + ppl.sample("flip", dist.Bernoulli(probs=q), estimator=estimator), None)
-        return lax.scan(step, jnp.int32(0), None, length=3)[0] * 1.0
+        def step(c, _):
+            flip = ppl.sample("flip", dist.Bernoulli(probs=jax.nn.sigmoid(q + c)), estimator=estimator)
+            return c + flip, flip
 
-    with pytest.raises(NotImplementedError, match="'flip'.*scan"):
-        objective.grad_estimate(jax.random.key(0), 0.5)
+        total, flips = lax.scan(step, 0.0, None, length=length)
+        return jnp.sin(total) + 0.3 * flips[0]
+
+    return objective
 
 
-def test_non_local_estimator_inside_a_vmapped_cond_names_the_address():
-    """A vmapped cond with a batched predicate runs as a loop, so only local estimators apply in it."""
+def flips_in_scan_exact(q):
+    """E[sin(total) + 0.3 flip_0] by summing over all 8 paths."""
+    expected = 0.0
+    for bits in itertools.product([0, 1], repeat=3):
+        c, log_p = 0.0, 0.0
+        for b in bits:
+            p = jax.nn.sigmoid(q + c)
+            log_p += jnp.log(p if b else 1 - p)
+            c += b
+        expected += jnp.exp(log_p) * (jnp.sin(c) + 0.3 * bits[0])
+    return expected
+
+
+def test_enum_inside_a_scan_is_exact():
+    """A top-level scan holding enumerated sites is unrolled: every path is summed exactly."""
+    value, grad = flips_in_scan(ppl.enum()).value_and_grad_estimate(jax.random.key(0), 0.2)
+    np.testing.assert_allclose(value, flips_in_scan_exact(0.2), rtol=1e-5)
+    np.testing.assert_allclose(grad, jax.grad(flips_in_scan_exact)(0.2), rtol=1e-4, atol=1e-6)
+
+
+def test_mvd_inside_a_scan_is_unbiased():
+    objective = flips_in_scan(ppl.mvd())
+    grads = jax.jit(jax.vmap(lambda k: objective.grad_estimate(k, 0.2)))(keys(N_GRAD))
+    assert np.std(grads) > 0.01
+    assert within_stderr(grads, jax.grad(flips_in_scan_exact)(0.2))
+
+
+def test_non_local_estimator_inside_a_long_scan_names_the_address():
+    with pytest.raises(NotImplementedError, match="'flip'.*unrolled up to length 32"):
+        flips_in_scan(ppl.enum(), length=40).grad_estimate(jax.random.key(0), 0.5)
+
+
+def test_non_local_estimator_inside_a_large_vmapped_cond_names_the_address():
+    """A vmapped cond with a batched predicate runs as a loop over the batch, which is unrolled for
+    non-local estimators only up to 32 elements."""
 
     @ppl.expectation
     def objective(p, q):
@@ -487,8 +523,8 @@ def test_non_local_estimator_inside_a_vmapped_cond_names_the_address():
 
         return jnp.sum(jax.vmap(one)(p))
 
-    with pytest.raises(NotImplementedError, match="'k'.*jax.vmap of a lax.cond whose predicate is batched"):
-        objective.grad_estimate(jax.random.key(0), jnp.array([0.2, 0.6]), 0.3)
+    with pytest.raises(NotImplementedError, match="'k'.*unrolled up to length 32"):
+        objective.grad_estimate(jax.random.key(0), jnp.full(40, 0.3), 0.3)
 
 
 # -- vmap of a cond with a batched predicate ------------------------------------------------------
