@@ -9,6 +9,11 @@ between tau and theta) suits a mean-field Gaussian guide far better (Papaspiliop
 2007). Guides: `ppl.autoguide.mean_field` for each (tau in log space through its bijection).
 The reference posterior mean of mu is about 4.4 (e.g. from long NUTS runs).
 
+Measured (seed 0): the non-centred fit converges within a few hundred steps (E_q[mu] ~4.5, ELBO
+~-31.6); the centred one is slow (after the 3,000 steps of `main`, E_q[mu] ~0.8 and still
+moving; after 20,000 steps at step size 0.05, E_q[mu] ~4.2 and ELBO ~-33.5), and its converged
+ELBO stays ~1.9 nats below the non-centred one: the mean-field family fits the funnel badly.
+
 `python -m models.eight_schools` fits both, prints the posterior means and the final ELBO
 estimates, and writes `eight_schools.png`.
 """
@@ -91,8 +96,10 @@ def main():
         est = elbo_estimates(model, guide, params)
         results[name] = (guide, params, losses, est)
         tau = guide.median(params, Y, SIGMA)["tau"]
-        print(f"{name:>11}: E_q[mu] = {float(posterior_mu(params)):.2f} (reference ~4.4), median_q tau = "
-              f"{float(tau):.2f}, ELBO = {float(jnp.mean(est)):.3f} ± {float(jnp.std(est) / jnp.sqrt(est.size)):.3f}")
+        print(
+            f"{name:>11}: E_q[mu] = {float(posterior_mu(params)):.2f} (reference ~4.4), median_q tau = "
+            f"{float(tau):.2f}, ELBO = {float(jnp.mean(est)):.3f} ± {float(jnp.std(est) / jnp.sqrt(est.size)):.3f}"
+        )
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for name, (guide, params, losses, _) in results.items():

@@ -86,7 +86,7 @@ def mean_elbo(params, x, num_samples=1000, seed=0):
     """A Monte Carlo estimate of the ELBO (e.g. for a constant baseline)."""
     objective = elbo(ppl.enum())
     ks = jax.random.split(jax.random.key(seed), num_samples)
-    return jnp.mean(jax.vmap(lambda k: objective.estimate(k, params, x))(ks))
+    return jax.jit(lambda p: jnp.mean(jax.vmap(lambda k: objective.estimate(k, p, x))(ks)))(params)
 
 
 def logit_gradients(estimator, params, x, num_samples, seed=0):
@@ -96,13 +96,16 @@ def logit_gradients(estimator, params, x, num_samples, seed=0):
     return jax.jit(jax.vmap(lambda k: objective.grad_estimate(k, params, x)["logits"]))(ks)
 
 
-def gradient_variance(params, x, num_samples=500, seed=0):
-    """{estimator name: gradient_stats of the logits} (mean, std, snr per coordinate)."""
-    b = mean_elbo(params, x)
+def gradient_variance(params, x, num_samples=500, seed=0, baseline=None):
+    """{estimator name: gradient_stats of the logits} (mean, std, snr per coordinate); the constant
+    baseline defaults to a mean ELBO estimate at `params`."""
+    b = mean_elbo(params, x) if baseline is None else baseline
     out = {}
     for name, est in estimators(b).items():
         stats = jax.jit(
-            lambda p, e=est: ppl.diagnostics.gradient_stats(jax.random.key(seed), elbo(e), p, x, num_samples=num_samples)
+            lambda p, e=est: ppl.diagnostics.gradient_stats(
+                jax.random.key(seed), elbo(e), p, x, num_samples=num_samples
+            )
         )(params)
         out[name] = stats["logits"]
     return out
@@ -120,8 +123,10 @@ def main():
     )
     order = jnp.argsort(params["mu_loc"])
     print(f"true component means:   {np.asarray(TRUE_MEANS)}")
-    print(f"fitted means (sorted):  {np.round(np.asarray(params['mu_loc'][order]), 3)}"
-          f"  sd {np.round(np.exp(np.asarray(params['mu_log_scale'][order])), 3)}")
+    print(
+        f"fitted means (sorted):  {np.round(np.asarray(params['mu_loc'][order]), 3)}"
+        f"  sd {np.round(np.exp(np.asarray(params['mu_log_scale'][order])), 3)}"
+    )
     assigned = jnp.argsort(order)[jnp.argmax(params["logits"], axis=1)]
     print(f"assignment accuracy (argmax q(z_i) vs the generating component): {float(jnp.mean(assigned == z)):.3f}")
 
@@ -132,8 +137,10 @@ def main():
     variances = {}
     for name, s in stats.items():
         variances[name] = float(jnp.mean(s["std"] ** 2))
-        print(f"  {name:>18}: mean variance per coordinate {variances[name]:10.3f}   "
-              f"median SNR {float(jnp.median(s['snr'])):.3f}")
+        print(
+            f"  {name:>18}: mean variance per coordinate {variances[name]:10.3f}   "
+            f"median SNR {float(jnp.median(s['snr'])):.3f}"
+        )
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.hist(np.asarray(x), bins=40, density=True, alpha=0.5, label="data")

@@ -79,8 +79,10 @@ def main():
     for name, (guide, params) in guides(x, y).items():
         params, losses = fit(guide, params, x, y)
         results[name] = (guide, params, losses)
-        print(f"{name:>10}: posterior mean {np.round(np.asarray(posterior_mean(guide, params, x, y)), 3)}  "
-              f"final -ELBO (last 100 steps) {float(jnp.mean(losses[-100:])):.3f}")
+        print(
+            f"{name:>10}: posterior mean {np.round(np.asarray(posterior_mean(guide, params, x, y)), 3)}  "
+            f"final -ELBO (last 100 steps) {float(jnp.mean(losses[-100:])):.3f}"
+        )
     guide, params, _ = results["full_rank"]
     cov = guide.covariance(params)
     sd = jnp.sqrt(jnp.diag(cov))
