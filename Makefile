@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m models.normal_normal
+	$(BIN)/python -m models.vae
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
