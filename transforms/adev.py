@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from transforms import compat, estimators
-from transforms.interpreter import eqn_contains_sample, site_avals, unsupported
-from transforms.primitives import Site, format_address, sample_p
+from transforms.interpreter import site_avals, unsupported
+from transforms.primitives import Site, eqn_contains_sample, format_address, sample_p
 
 
 class State(NamedTuple):

@@ -77,22 +77,18 @@ class _StagedGenerate:
 
 
 class _Assess:
+    """Reads every site's choice and sums log densities; with `record`, also writes each site's
+    (scaled) log density at its address."""
+
+    def __init__(self, record=False):
+        self.record = record
+
     def site(self, site, score, read):
         if read is None:
             raise KeyError(f"no value for address '{site.name}': assess/density needs a choice for every site")
         read = _conform(site, read)
-        return read, score + site.log_prob(read), None
-
-
-class _SiteScores:
-    """Like assess, but writes each site's log density (scaled) at its address."""
-
-    def site(self, site, score, read):
-        if read is None:
-            raise KeyError(f"no value for address '{site.name}': per-site densities need a choice for every site")
-        read = _conform(site, read)
         lp = site.log_prob(read)
-        return read, score + lp, lp
+        return read, score + lp, lp if self.record else None
 
 
 class _Generate:
@@ -167,7 +163,9 @@ def assess(closed, args, choices):
 def site_scores(closed, args, choices):
     """{address: log density of its value} (values inside a scan are per step)."""
     check_known(closed, choices, "the choices")
-    _, _, scores = interpreter.run(closed.jaxpr, closed.consts, args, _SiteScores(), _score_zero(), _as_arrays(choices))
+    _, _, scores = interpreter.run(
+        closed.jaxpr, closed.consts, args, _Assess(record=True), _score_zero(), _as_arrays(choices)
+    )
     return scores
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transforms import compat
-from transforms.primitives import Site, contains_sample, eqn_contains_sample, format_address, sample_p  # noqa: F401
+from transforms.primitives import Site, eqn_contains_sample, format_address, sample_p
 
 
 def site_avals(jaxpr, scan_lengths=()):

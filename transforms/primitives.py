@@ -168,18 +168,18 @@ class Site:
     def estimator(self):
         """The estimator attached at the site (None for the default); its array leaves are
         taken from the first batch element."""
-        leaves = self.leaves
-        for _ in self.batch_shape:
-            leaves = [x[0] for x in leaves]
-        return self.unpack(leaves)[1]
+        return self.unpack(self._first_element())[1]
 
     @property
     def distribution(self):
         """The distribution of one batch element (for shape and type checks)."""
+        return self.unpack(self._first_element())[0]
+
+    def _first_element(self):
         leaves = self.leaves
         for _ in self.batch_shape:
             leaves = [x[0] for x in leaves]
-        return self.unpack(leaves)[0]
+        return leaves
 
     def map(self, fn, leaves, *batched):
         """`fn(distribution, estimator, *args)` applied to each batch element."""
