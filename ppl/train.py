@@ -48,13 +48,16 @@ def svi(objective, optimizer):
     def step(key, state, *args):
         value, grads = objective.value_and_grad_estimate(key, state.params, *args)
         grads = jax.tree.map(jnp.negative, grads)
-        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])) & jnp.isfinite(value)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = SVIState(keep(params, state.params), keep(opt_state, state.opt_state), state.step + 1)
-        info = {"loss": -value, "grad_norm": optax.tree.norm(grads), "skipped": ~finite}
-        return new_state, info
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+
+        def update(state):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return SVIState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+
+        # a cond, not a select per leaf: selects would keep XLA from fusing the optimizer update
+        new_state = jax.lax.cond(finite, update, lambda state: state._replace(step=state.step + 1), state)
+        return new_state, {"loss": -value, "grad_norm": grad_norm, "skipped": ~finite}
 
     return SVI(init, step)
 

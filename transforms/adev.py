@@ -3,19 +3,29 @@ the gradient of that expectation.
 
 The program is interpreted forward over dual numbers (primal, tangent-or-None). Ordinary equations
 are evaluated with `jax.jvp`; at each `sample_p` site the site's estimator rule receives the
-*continuation*, the rest of the program, which it may run once (reparam, REINFORCE), vectorized
-over the support (enumeration), or on forked values (MVD, leave-one-out baselines). The tangent of
-the result is linear in the input tangents, so `value_and_grad` wraps the forward estimator in a
+*continuation*, the rest of the program, which it may run once (reparam, REINFORCE), over every
+value of the support (enumeration), or on forked values (MVD, leave-one-out baselines). The tangent
+of the result is linear in the input tangents, so `value_and_grad` wraps the forward estimator in a
 `jax.custom_jvp` and JAX's reverse mode transposes it.
 
-Randomness: the key is split at every site, so no two sites share noise; forked continuations
-share the key (common random numbers), which keeps each fork's estimate unbiased.
+Exact enumeration runs the rest of the program once over all *worlds* (combinations of enumerated
+values), as Pyro's parallel enumeration does: the i-th enumerated site on a path owns world axis i,
+a value carries leading world axes (size 1 along the sites it does not depend on), each equation is
+evaluated under one `jax.vmap` over the worlds its operands vary over, and results are weighted by
+each world's probability and summed when the rest of the program returns. Code size is therefore
+linear in the number of enumerated sites (nested `vmap`s would add a broadcast per level to every
+equation below them), and each value is computed only for the worlds it depends on.
+
+Randomness: the key is split at every site, so no two sites share noise; forked continuations and
+worlds share the key (common random numbers), which keeps each estimate unbiased.
 
 Control flow: sites inside `jit`/`checkpoint` bodies are inlined; inside `scan` and `cond` bodies
 the rules must be local (reparam, REINFORCE with a constant or learned baseline); a `cond` whose
 branches hold non-local sites at top level gets the continuation pushed into each branch.
 """
 
+import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -27,18 +37,31 @@ from transforms.interpreter import site_avals, unsupported
 from transforms.primitives import Site, eqn_contains_sample, format_address, sample_p
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Dual:
+    """A value with its tangent (None: no tangent). Both start with one axis per world axis the
+    value varies over: `worlds` lists them as (axis, size) pairs, in order (axis i belongs to the
+    i-th enumerated site on the path)."""
+
+    primal: object
+    tangent: object = None
+    worlds: tuple = dataclasses.field(default=(), metadata={"static": True})
+
+
 class State(NamedTuple):
     key: object
-    score: object  # tangent of the summed REINFORCE scores (None in primal-only mode)
-    baseline: object  # tangent of the summed baseline * score terms
+    score: object  # tangent of the summed REINFORCE scores and enumerated log-probabilities, per world
+    baseline: object  # tangent of the summed baseline * score terms, per world
+    log_weight: object = None  # log probability of each world (None before any enumeration)
 
 
 class DualSite(Site):
-    """A site whose distribution parameters are dual numbers."""
+    """A site whose distribution parameters are dual numbers (of one world)."""
 
     def __init__(self, eqn, duals):
-        super().__init__(eqn.params["address"], tuple(p for p, _ in duals), eqn.params)
-        object.__setattr__(self, "tangents", tuple(t for _, t in duals))
+        super().__init__(eqn.params["address"], tuple(d.primal for d in duals), eqn.params)
+        object.__setattr__(self, "tangents", tuple(d.tangent for d in duals))
 
     def jvp_leaves(self, fn):
         """(fn(leaves), tangent of fn) w.r.t. the leaves that carry tangents (tangent None if none)."""
@@ -76,17 +99,35 @@ class Cont:
         return jax.vmap(self._primal_run)(values)
 
 
+class _Record:
+    """A continuation that returns the arguments it is called with: a local rule (which calls its
+    continuation once and returns what it returns) evaluated per world under `vmap`."""
+
+    def __call__(self, value, value_tangent=None, score=None, baseline=None):
+        return value, value_tangent, score, baseline
+
+
 class Interpreter:
     """Dual interpreter; `primal_only` evaluates without tangents (every site just samples);
-    `scope` names the enclosing scan/cond body where only local rules may run (None at top)."""
+    `scope` names the enclosing scan/cond body where only local rules may run (None at top);
+    `worlds` holds the support sizes of the enumerated sites on the path so far (world axes
+    `base`, `base + 1`, ...); the world axes before `base` are fixed at `coords` (see `per_world_rule`)."""
 
-    def __init__(self, primal_only=False, scope=None):
-        self.primal_only, self.scope = primal_only, scope
+    def __init__(self, primal_only=False, scope=None, worlds=(), base=0, coords=None):
+        self.primal_only, self.scope, self.worlds = primal_only, scope, worlds
+        self.base, self.coords = base, coords or {}
+
+    def derived(self, **changes):
+        """An interpreter like this one with some of primal_only, scope and worlds changed."""
+        fields = {"primal_only": self.primal_only, "scope": self.scope, "worlds": self.worlds, **changes}
+        return Interpreter(**fields, base=self.base, coords=self.coords)
 
     def run(self, eqns, i, env, state, k):
         """Evaluate eqns[i:] then call k(env, state, interpreter); returns what k (or a rule)
-        returns. Continuations take the interpreter that reaches them, so a primal-only fork that
-        leaves a sub-program (a jit body, a cond branch, an unrolled scan step) stays primal-only."""
+        returns: (value, tangent), each world's weighted by its probability (world axes first). Continuations take
+        the interpreter that reaches them, so a primal-only fork that leaves a sub-program (a jit
+        body, a cond branch, an unrolled scan step) stays primal-only, and worlds opened by an
+        enumerated site inside a sub-program carry on after it."""
         while i < len(eqns):
             eqn = eqns[i]
             duals = [self.read(env, v) for v in eqn.invars]
@@ -99,11 +140,11 @@ class Interpreter:
             elif eqn.primitive.name == "scan":
                 if self.scope is None and not self.primal_only and _has_nonlocal_site(eqn):
                     return self.scan_unrolled(eqns, i, eqn, duals, env, state, k)
-                outs, state = self.scan(eqn, duals, state)
+                outs, state = self.local_body(self.scan, eqn, duals, state)
             elif eqn.primitive.name == "cond":
                 if self.scope is None and not self.primal_only and _has_nonlocal_site(eqn):
                     return self.cond_with_continuation(eqns, i, eqn, duals, env, state, k)
-                outs, state = self.cond(eqn, duals, state)
+                outs, state = self.local_body(self.cond, eqn, duals, state)
             else:
                 raise unsupported(eqn, " in an expectation")
             env = dict(env)
@@ -112,17 +153,27 @@ class Interpreter:
             i += 1
         return k(env, state, self)
 
-    @staticmethod
-    def read(env, atom):
+    def read(self, env, atom):
         if isinstance(atom, compat.Literal):
-            return atom.val, None
-        return env[atom]
+            return Dual(atom.val)
+        return self.fix(env[atom])
+
+    def fix(self, d):
+        """`d` at this interpreter's fixed world coordinates (without those world axes)."""
+        fixed = [axis for axis, _ in d.worlds if axis < self.base]
+        if not fixed:
+            return d
+        at = tuple(self.coords[axis] for axis in fixed)
+        return Dual(d.primal[at], None if d.tangent is None else d.tangent[at], d.worlds[len(fixed) :])
 
     def jvp_eqn(self, eqn, duals):
-        primals = [p for p, _ in duals]
-        active = [j for j, (_, t) in enumerate(duals) if t is not None]
+        return _per_world(duals, lambda ds: self._jvp_one_world(eqn, ds))
+
+    def _jvp_one_world(self, eqn, duals):
+        primals = [d.primal for d in duals]
+        active = [j for j, d in enumerate(duals) if d.tangent is not None]
         if self.primal_only or not active:
-            return [(o, None) for o in compat.bind_eqn(eqn, primals)]
+            return [Dual(o) for o in compat.bind_eqn(eqn, primals)]
 
         def at(*xs):
             vals = list(primals)
@@ -130,20 +181,66 @@ class Interpreter:
                 vals[j] = x
             return compat.bind_eqn(eqn, vals)
 
-        outs, tangents = jax.jvp(at, [primals[j] for j in active], [duals[j][1] for j in active])
-        return [(o, t if compat.has_tangent_space(o) else None) for o, t in zip(outs, tangents)]
+        outs, tangents = jax.jvp(at, [primals[j] for j in active], [duals[j].tangent for j in active])
+        return [Dual(o, t if compat.has_tangent_space(o) else None) for o, t in zip(outs, tangents)]
+
+    def local_body(self, method, eqn, duals, state):
+        """`method(eqn, duals, state)` (a scan or cond evaluated in place) for every world."""
+        rank = len(self.worlds)
+        if rank == 0:
+            return method(eqn, duals, state)
+        fields = [f for f in ("score", "baseline") if getattr(state, f) is not None]
+        axes = lambda x: tuple((self.base + j, size) for j, size in enumerate(x.shape[:rank]))
+        pending = [Dual(getattr(state, f), None, axes(getattr(state, f))) for f in fields]
+
+        def one_world(ds):
+            s = state._replace(log_weight=None, **{f: d.primal for f, d in zip(fields, ds[len(duals) :])})
+            outs, s = method(eqn, ds[: len(duals)], s)
+            return (outs, [Dual(getattr(s, f)) for f in fields]), s.key
+
+        (outs, pending), key = _per_world(duals + pending, one_world, shared=True)
+        dense = {f: _dense(d.primal, d.worlds, rank, self.base) for f, d in zip(fields, pending)}
+        return outs, state._replace(key=key, **dense)
 
     # -- sample sites -------------------------------------------------------------------------
 
     def site(self, eqns, i, eqn, duals, env, state, k):
-        site = DualSite(eqn, duals)
-        if site.observed:
-            value, tangent = site.jvp_leaves(site.observed_value)
-            return self.run(eqns, i + 1, {**env, eqn.outvars[0]: (value, tangent)}, state, k)
-        key, site_key = jax.random.split(state.key)
+        worlds = _world_axes(duals)
+        first = DualSite(eqn, [_first_world(d) for d in duals])
+        out = eqn.outvars[0]
+        estimator = None if first.observed or self.primal_only else self.estimator(first)
+        if estimator is not None and estimator.splits(first):
+            return self.split(eqns, i, eqn, duals, estimator, env, state, k)
+        key, site_key = (state.key, None) if first.observed else jax.random.split(state.key)
+
+        def go(value, value_tangent=None, score=None, baseline=None, value_worlds=()):
+            rank = len(self.worlds)
+            s = state._replace(
+                key=key,
+                score=_add(state.score, _dense(score, value_worlds, rank, self.base)),
+                baseline=_add(state.baseline, _dense(baseline, value_worlds, rank, self.base)),
+            )
+            return self.run(eqns, i + 1, {**env, out: Dual(value, value_tangent, value_worlds)}, s, k)
+
+        if first.observed:
+            return go(*_per_world(duals, lambda ds: _observed(DualSite(eqn, ds))), value_worlds=worlds)
         if self.primal_only:
-            value = site.sample(site_key)
-            return self.run(eqns, i + 1, {**env, eqn.outvars[0]: (value, None)}, state._replace(key=key), k)
+            return go(_per_world(duals, lambda ds: DualSite(eqn, ds).sample(site_key)), value_worlds=worlds)
+        if self.worlds and not estimator.local:
+            return self.per_world_rule(eqns, i, eqn, duals, env, state, k)
+        if worlds:
+            recorded = _per_world(duals, lambda ds: estimator.rule(DualSite(eqn, ds), site_key, _Record()))
+            return go(*recorded, value_worlds=worlds)
+
+        def go_primal(value):
+            side = self.derived(primal_only=True)
+            s = State(key, None, None, state.log_weight)
+            return side.run(eqns, i + 1, {**env, out: Dual(value)}, s, _primal_k(k))
+
+        return estimator.rule(first, site_key, Cont(go, go_primal))
+
+    def estimator(self, site):
+        """The site's estimator, checked against its distribution and this interpreter's scope."""
         estimator = estimators.resolve(site.estimator, site.distribution)
         estimator.check(site.distribution, site.address)
         if not estimator.local and self.scope is not None:
@@ -153,21 +250,49 @@ class Interpreter:
                 "lax.cond whose predicate is batched, which runs as a loop); use a local estimator there "
                 "(reparam, reinforce)"
             )
+        return estimator
 
-        def go(value, value_tangent, score, baseline):
-            s = state._replace(
-                key=key,
-                score=state.score if score is None else state.score + score,
-                baseline=state.baseline if baseline is None else state.baseline + baseline,
+    def split(self, eqns, i, eqn, duals, estimator, env, state, k):
+        """Exact enumeration: the site gets the next world axis, one world per support value; the
+        value's probability joins each world's weight and the tangent of its log-probability joins
+        the world's score (as REINFORCE's does). The rest of the program runs once over all worlds
+        and returns each one's weighted result; summing over the new axis gives this site's."""
+        worlds, rank = _world_axes(duals), len(self.worlds)
+        values = estimator.support(DualSite(eqn, [_first_world(d) for d in duals]))
+        log_p, dlog_p = _per_world(duals, lambda ds: estimator.log_probs(DualSite(eqn, ds), values))
+        m = values.shape[0]
+        axis = self.base + rank
+        as_child = lambda x: _dense(x, worlds + ((axis, m),), rank + 1, self.base)  # the support axis is `axis`
+        grow = lambda x: None if x is None else x.reshape(x.shape[:rank] + (1,) + x.shape[rank:])
+        state = state._replace(
+            score=_add(grow(state.score), as_child(dlog_p)),
+            baseline=grow(state.baseline),
+            log_weight=_add(grow(state.log_weight), as_child(log_p)),
+        )
+        children = self.derived(worlds=self.worlds + (m,))
+        value = Dual(values, None, ((axis, m),))
+        results = children.run(eqns, i + 1, {**env, eqn.outvars[0]: value}, state, k)
+        full = lambda r: jnp.broadcast_to(r, r.shape[:rank] + (m,) + r.shape[rank + 1 :])
+        return tuple(None if r is None else jnp.sum(full(r), rank) for r in results)
+
+    def per_world_rule(self, eqns, i, eqn, duals, env, state, k):
+        """A forking rule (MVD, leave-one-out, enumeration of a batched site) after an exactly
+        enumerated site: run it, and the rest of the program, once per world under `vmap` over the
+        world index, with every world-dependent value read at that world's coordinates. Results
+        stay weighted by each world's probability, so the worlds still sum."""
+        axes = range(self.base, self.base + len(self.worlds))
+
+        def one(world):
+            coords = dict(zip(axes, jnp.unravel_index(world, self.worlds)))
+            inner = Interpreter(
+                self.primal_only, self.scope, (), self.base + len(self.worlds), {**self.coords, **coords}
             )
-            return self.run(eqns, i + 1, {**env, eqn.outvars[0]: (value, value_tangent)}, s, k)
+            at = tuple(coords.values())
+            fixed = state._replace(**{f: None if x is None else x[at] for f, x in zip(State._fields[1:], state[1:])})
+            return inner.site(eqns, i, eqn, [inner.fix(d) for d in duals], env, fixed, k)
 
-        def go_primal(value):
-            side = Interpreter(primal_only=True, scope=self.scope)
-            s = State(key, None, None)
-            return side.run(eqns, i + 1, {**env, eqn.outvars[0]: (value, None)}, s, _primal_k(k))
-
-        return estimator.rule(site, site_key, Cont(go, go_primal))
+        results = jax.vmap(one)(jnp.arange(math.prod(self.worlds)))
+        return tuple(None if r is None else r.reshape(self.worlds) for r in results)
 
     # -- calls and control flow ---------------------------------------------------------------
 
@@ -188,7 +313,7 @@ class Interpreter:
 
     def body(self, closed, scope):
         """A function (duals, state) -> (out duals, state) evaluating a sub-jaxpr locally."""
-        inner = Interpreter(self.primal_only, scope)
+        inner = self.derived(scope=scope, worlds=())
         jaxpr = closed.jaxpr
 
         def f(duals, state):
@@ -202,49 +327,48 @@ class Interpreter:
         nc, nk = p["num_consts"], p["num_carry"]
         consts, init, xs = duals[:nc], duals[nc : nc + nk], duals[nc + nk :]
         body = self.body(p["jaxpr"], "scan")
-        xs_p, xs_t = [x for x, _ in xs], [t for _, t in xs]
+        xs_p, xs_t = [x.primal for x in xs], [x.tangent for x in xs]
+        rows = lambda ps, ts: [Dual(x, t) for x, t in zip(ps, ts)]
 
         def make_step(has):
             def step(carry, x):
                 (values, tangents), s = carry
-                outs, s = body(consts + list(zip(values, tangents)) + list(zip(*x)), s)
+                outs, s = body(consts + rows(values, tangents) + rows(*x), s)
                 new_tangents = [_instantiate(o, h) for o, h in zip(outs[:nk], has)]
-                return (([o for o, _ in outs[:nk]], new_tangents), s), outs[nk:]
+                return (([o.primal for o in outs[:nk]], new_tangents), s), [(o.primal, o.tangent) for o in outs[nk:]]
 
             return step
 
         # A carry needs a tangent if its initial value has one or the body gives it one.
-        has = [t is not None for _, t in init]
+        has = [d.tangent is not None for d in init]
         x_slice = ([_row(x) for x in xs_p], [None if t is None else _row(t) for t in xs_t])
         for _ in range(nk + 1):
-            carry0 = (([v for v, _ in init], [_instantiate(d, h) for d, h in zip(init, has)]), state)
-            out_t = jax.eval_shape(
-                lambda c, x: body(consts + list(zip(*c[0])) + list(zip(*x)), c[1])[0], carry0, x_slice
-            )
-            grown = [h or t is not None for h, (_, t) in zip(has, out_t[:nk])]
+            carry0 = (([d.primal for d in init], [_instantiate(d, h) for d, h in zip(init, has)]), state)
+            out_t = jax.eval_shape(lambda c, x: body(consts + rows(*c[0]) + rows(*x), c[1])[0], carry0, x_slice)
+            grown = [h or o.tangent is not None for h, o in zip(has, out_t[:nk])]
             if grown == has:
                 break
             has = grown
         ((final, final_t), state), ys = lax.scan(
             make_step(has), carry0, (xs_p, xs_t), length=p["length"], reverse=p["reverse"]
         )
-        return list(zip(final, final_t)) + list(ys), state
+        return rows(final, final_t) + [Dual(y, t) for y, t in ys], state
 
     def cond(self, eqn, duals, state):
-        index, ops = duals[0][0], duals[1:]
+        index, ops = duals[0].primal, duals[1:]
         fns = [self.body(br, "cond") for br in eqn.params["branches"]]
         shapes = [jax.eval_shape(f, ops, state)[0] for f in fns]
-        has_t = [any(s[j][1] is not None for s in shapes) for j in range(len(shapes[0]))]
+        has_t = [any(s[j].tangent is not None for s in shapes) for j in range(len(shapes[0]))]
 
         def padded(f):
             def g(ops, s):
                 outs, s = f(ops, s)
-                return [(o, _instantiate((o, t), h)) for (o, t), h in zip(outs, has_t)], s
+                return [Dual(o.primal, _instantiate(o, h)) for o, h in zip(outs, has_t)], s
 
             return g
 
         outs, state = lax.switch(index, [padded(f) for f in fns], ops, state)
-        return [(o, t if h else None) for (o, t), h in zip(outs, has_t)], state
+        return [Dual(o.primal, o.tangent if h else None) for o, h in zip(outs, has_t)], state
 
     def scan_unrolled(self, eqns, i, eqn, duals, env, state, k):
         """A top-level scan whose body holds non-local sites, unrolled (at most UNROLL_LIMIT
@@ -268,7 +392,7 @@ class Interpreter:
                     outer[v] = d
                 return interp.run(eqns, i + 1, outer, s, k)
             t = order[n]
-            x_t = [(x[t], None if tx is None else tx[t]) for x, tx in xs]
+            x_t = [_index(x, t) for x in xs]
 
             def back(benv, s2, interp2):
                 outs = [interp2.read(benv, a) for a in body.jaxpr.outvars]
@@ -279,28 +403,117 @@ class Interpreter:
         return iteration(0, init, {}, state, self)
 
     def cond_with_continuation(self, eqns, i, eqn, duals, env, state, k):
-        index, ops = duals[0][0], duals[1:]
-
-        def branch(closed):
-            return lambda ops, s: self.then_continue(closed.jaxpr, closed.consts, ops, s, eqns, i, env, k)
-
-        return lax.switch(index, [branch(br) for br in eqn.params["branches"]], ops, state)
+        """A cond whose branches hold non-local sites, with the rest of the program pushed into each
+        branch. When the branch index differs between enumeration worlds, every branch (with the
+        rest of the program) runs over all worlds and each world keeps its own branch's result."""
+        index, ops = duals[0], duals[1:]
+        branches = [
+            lambda ops, s, br=br: self.then_continue(br.jaxpr, br.consts, ops, s, eqns, i, env, k)
+            for br in eqn.params["branches"]
+        ]
+        if not index.worlds:
+            return lax.switch(index.primal, branches, ops, state)
+        which = jnp.clip(_dense(index.primal, index.worlds, len(self.worlds), self.base), 0, len(branches) - 1)
+        results = [b(ops, state) for b in branches]
+        return jax.tree.map(lambda *rs: lax.select_n(jnp.broadcast_to(which, rs[0].shape), *rs), *results)
 
 
 UNROLL_LIMIT = 32
 
 
+def _observed(site):
+    """(value, tangent) of an observed site."""
+    return site.jvp_leaves(site.observed_value)
+
+
+def _add(a, b):
+    return a if b is None else b if a is None else a + b
+
+
+def _world_axes(duals):
+    """The world axes the duals vary over together, as sorted (axis, size) pairs."""
+    sizes = {}
+    for d in duals:
+        for axis, size in d.worlds:
+            sizes[axis] = max(size, sizes.get(axis, 1))
+    return tuple(sorted(sizes.items()))
+
+
+def _expand(x, worlds, wanted):
+    """`x`, led by the world axes `worlds`, led instead by the (more) world axes `wanted`."""
+    if x is None or worlds == wanted:
+        return x
+    x, have = jnp.asarray(x), dict(worlds)
+    x = x.reshape(tuple(have.get(axis, 1) for axis, _ in wanted) + x.shape[len(worlds) :])
+    return jnp.broadcast_to(x, tuple(size for _, size in wanted) + x.shape[len(wanted) :])
+
+
+def _dense(x, worlds, rank, base=0):
+    """`x`, led by the world axes `worlds`, led instead by all `rank` world axes from `base` on
+    (size 1 where it does not vary)."""
+    if x is None:
+        return None
+    x, have = jnp.asarray(x), dict(worlds)
+    return x.reshape(tuple(have.get(base + j, 1) for j in range(rank)) + x.shape[len(worlds) :])
+
+
+def _first_world(d):
+    at = (0,) * len(d.worlds)
+    return Dual(d.primal[at], None if d.tangent is None else d.tangent[at]) if at else d
+
+
+def _per_world(duals, fn, shared=False):
+    """`fn(duals)` for one world, evaluated under one `vmap` over the worlds the duals vary over
+    (duals that vary over fewer are broadcast, those that vary over none are shared). Duals and
+    arrays in the result get those world axes in front; with `shared`, `fn` returns (per-world
+    result, a result shared by all worlds)."""
+    wanted = _world_axes(duals)
+    if not wanted:
+        return fn(duals)
+    sizes = tuple(size for _, size in wanted)
+    n = math.prod(sizes)
+
+    def flat(x, d):
+        x = _expand(x, d.worlds, wanted)
+        return x if x is None or len(sizes) == 1 else x.reshape((n,) + x.shape[len(sizes) :])
+
+    ops = [Dual(flat(d.primal, d), flat(d.tangent, d)) if d.worlds else d for d in duals]
+    axes = [0 if d.worlds else None for d in duals]
+    out = jax.vmap(fn, in_axes=(axes,), out_axes=(0, None) if shared else 0)(ops)
+    per_world, rest = out if shared else (out, None)
+    unflat = lambda x: x if len(sizes) == 1 else x.reshape(sizes + x.shape[1:])
+    tagged = jax.tree.map(
+        lambda x: (
+            Dual(unflat(x.primal), None if x.tangent is None else unflat(x.tangent), wanted)
+            if isinstance(x, Dual)
+            else unflat(x)
+        ),
+        per_world,
+        is_leaf=lambda x: isinstance(x, Dual),
+    )
+    return (tagged, rest) if shared else tagged
+
+
+def _index(x, t):
+    """Row t of a scanned-over dual (after its world axes)."""
+    at = (slice(None),) * len(x.worlds) + (t,)
+    return Dual(x.primal[at], None if x.tangent is None else x.tangent[at], x.worlds)
+
+
 def _stack(duals):
-    """One dual of stacked values (zeros stand in for absent tangents when some are present)."""
-    primal = jnp.stack([p for p, _ in duals])
-    if all(t is None for _, t in duals):
-        return primal, None
-    return primal, jnp.stack([jnp.zeros_like(p) if t is None else t for p, t in duals])
+    """One dual of stacked values, after their (broadcast) world axes; zeros stand in for absent
+    tangents when some are present."""
+    wanted = _world_axes(duals)
+    primal = jnp.stack([_expand(d.primal, d.worlds, wanted) for d in duals], len(wanted))
+    if all(d.tangent is None for d in duals):
+        return Dual(primal, None, wanted)
+    tangents = [jnp.zeros_like(d.primal) if d.tangent is None else d.tangent for d in duals]
+    return Dual(primal, jnp.stack([_expand(t, d.worlds, wanted) for t, d in zip(tangents, duals)], len(wanted)), wanted)
 
 
 def _bind(jaxpr, consts, duals):
     """An environment binding a jaxpr's constants (without tangents) and inputs (duals)."""
-    env = {v: (c, None) for v, c in zip(jaxpr.constvars, consts)}
+    env = {v: Dual(c) for v, c in zip(jaxpr.constvars, consts)}
     env.update(zip(jaxpr.invars, duals))
     return env
 
@@ -310,10 +523,9 @@ def _row(x):
 
 
 def _instantiate(dual, needed):
-    value, tangent = dual
     if not needed:
         return None
-    return tangent if tangent is not None else jnp.zeros_like(value)
+    return dual.tangent if dual.tangent is not None else jnp.zeros_like(dual.primal)
 
 
 def _has_nonlocal_site(eqn):
@@ -344,14 +556,18 @@ def _primal_k(k):
 
 
 def finish(out_var):
-    """The top-level end of the program: its value, with pending REINFORCE terms resolved."""
+    """The top-level end of the program: its value in every world, with pending REINFORCE and
+    enumeration terms resolved, times the world's probability."""
 
     def k(env, state, interp):
-        value, tangent = interp.read(env, out_var)
+        d = interp.read(env, out_var)
+        rank = len(interp.worlds)
+        value = _dense(d.primal, d.worlds, rank, interp.base)
+        weighted = (lambda x: x) if state.log_weight is None else (lambda x: jnp.exp(state.log_weight) * x)
         if state.score is None:
-            return value, None
-        tangent = jnp.zeros_like(value) if tangent is None else tangent
-        return value, tangent + value * state.score - state.baseline
+            return weighted(value), None
+        tangent = jnp.zeros_like(value) if d.tangent is None else _dense(d.tangent, d.worlds, rank, interp.base)
+        return weighted(value), weighted(tangent + value * state.score - state.baseline)
 
     return k
 
@@ -360,7 +576,7 @@ def dual_estimate(closed, key, args, tangents):
     """(value, tangent) of one unbiased estimate of the program's expectation and its derivative
     along `tangents` (a list aligned with `args`, None where there is no tangent)."""
     jaxpr = closed.jaxpr
-    env = _bind(jaxpr, closed.consts, list(zip(args, tangents)))
+    env = _bind(jaxpr, closed.consts, [Dual(a, t) for a, t in zip(args, tangents)])
     dtype = jaxpr.outvars[0].aval.dtype
     zero = jnp.zeros((), dtype) if any(t is not None for t in tangents) else None
     interp = Interpreter(primal_only=False)

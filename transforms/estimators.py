@@ -13,6 +13,10 @@ runs the rest of the program:
 A rule with `local = True` calls `cont` exactly once, so it also works inside `scan` and `cond`
 bodies. Rules return what `cont` returns.
 
+An estimator whose `splits(site)` is true (exact enumeration) has no rule at that site: ADEV asks
+it for `support(site)` and `log_probs(site, values)` and runs the rest of the program once over
+all values at once, one *world* per value, weighted by its probability.
+
     >>> ppl.sample("k", dist.Bernoulli(p), estimator=enum())
 """
 
@@ -42,6 +46,10 @@ class Estimator:
 
     def rule(self, site, key, cont):
         raise NotImplementedError
+
+    def splits(self, site):
+        """Whether ADEV enumerates this site's values as worlds (see `Enum`)."""
+        return False
 
     def _fail(self, address, why):
         raise EstimatorError(f"estimator {self!r} does not apply at address '{format_address(address)}': {why}")
@@ -134,9 +142,7 @@ class Enum(Estimator):
 
     def rule(self, site, key, cont):
         d = site.distribution
-        n = math.prod(site.batch_shape) * math.prod(families.coordinate_shape(d))
-        if n == 1:
-            return self._exact(site, cont)
+        n = _coordinates(site)
         value = site.sample(key)
         primal, tangent = cont(value)
         support = families.unwrap(d).enumerate_support(expand=False).reshape(-1)
@@ -158,17 +164,17 @@ class Enum(Estimator):
         values = cont.primal(fork(value, n, rows, replacements))
         return primal, tangent + jnp.sum(weights.reshape(-1) * values)
 
-    def _exact(self, site, cont):
+    def splits(self, site):
+        return _coordinates(site) == 1
+
+    def support(self, site):
+        """Every value of the site's support (leading axis)."""
         support = families.unwrap(site.distribution).enumerate_support(expand=False)
-        values = support.reshape((support.shape[0],) + site.value_shape).astype(site.value_dtype)
-        log_p, dlog_p = jax.vmap(lambda v: site.jvp_leaves(lambda ls: site.log_prob(v, ls)))(values)
-        primals, tangents = jax.vmap(lambda v: cont(v))(values)
-        p = jnp.exp(log_p)
-        tangent = None if tangents is None else jnp.sum(p * tangents)
-        if dlog_p is not None:
-            score_term = jnp.sum(p * dlog_p * primals)
-            tangent = score_term if tangent is None else tangent + score_term
-        return jnp.sum(p * primals), tangent
+        return support.reshape((support.shape[0],) + site.value_shape).astype(site.value_dtype)
+
+    def log_probs(self, site, values):
+        """(log p(value), its tangent or None) for each of `values`."""
+        return jax.vmap(lambda v: site.jvp_leaves(lambda ls: site.log_prob(v, ls)))(values)
 
 
 @_estimator
@@ -208,6 +214,11 @@ class MVD(Estimator):
             fork(value, n, jnp.tile(jnp.arange(n), j), replacements.reshape((j * n,) + replacements.shape[2:]))
         )
         return primal, tangent + main_weight * primal + jnp.sum(weights.reshape(-1) * values)
+
+
+def _coordinates(site):
+    """Number of independent coordinates of a site (batch elements times the family's coordinates)."""
+    return math.prod(site.batch_shape) * math.prod(families.coordinate_shape(site.distribution))
 
 
 def _check_fixed_support(estimator, site):
