@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench notebooks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.vae_step
+	$(BIN)/python -m benchmarks.logreg_steps
 	$(BIN)/python -m benchmarks.enum_scaling
+
+notebooks: $(STAMP)
+	$(BIN)/jupyter execute --inplace --timeout=1800 notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV)

@@ -1,35 +1,70 @@
-"""ELBO gradient step of an MNIST-sized VAE: our language against the same computation written by
-hand in JAX.
+"""ELBO gradient step and optimizer step of an MNIST-sized VAE: our language, the same computation
+written by hand in JAX, and NumPyro.
 
-    python -m benchmarks.vae_step                 # batch 64 and 1024 (what `make bench` runs)
-    python -m benchmarks.vae_step --batches 64 --rounds 10
+    python -m benchmarks.vae_step                 # batch 64 and 1024, all groups (what `make bench` runs)
+    python -m benchmarks.vae_step --batches 64 --groups grad --rounds 40
+    python -m benchmarks.vae_step --batches 64 --hlo   # also: optimized-HLO opcodes that differ
 
 Encoder 784-200-(2x10) (mean and log-scale of a diagonal Normal over a 10-d z), decoder
 10-200-784 with Bernoulli logits, tanh hidden units; random binary data from a fixed seed.
 
+Group `grad`, the ELBO and its gradient only (reference: hand):
 - ours:  `@ppl.gen` model and guide, the ELBO as an `@ppl.expectation`, the step is
-  `elbo.value_and_grad_estimate(key, params, x)` under `jax.jit`.
+  `elbo.value_and_grad_estimate(key, params, x)`.
 - hand:  the reparameterized sample with `jax.random.normal`, log densities written out,
-  `jax.value_and_grad`, under `jax.jit`. It draws its noise from the same key as ADEV does
+  `jax.value_and_grad`. It draws its noise from the same key as ADEV does
   (`jax.random.split(key)[1]`), so both compute the same number and the same gradient.
 - hand+numpyro (diagnostic): the hand-written program scoring with NumPyro's `log_prob`s, which
   our language uses; it separates the cost of the distributions from the cost of ADEV.
+- numpyro: the same model and guide as NumPyro programs (`numpyro.sample`, the weights at
+  `numpyro.param` sites "enc" and "dec"); the step is `jax.value_and_grad` of
+  `Trace_ELBO().loss(key, params, model, guide, x)` (the negated ELBO and its gradient).
 
-Measured in one run, interleaved: compile time (trace + lower, and XLA compile, of a fresh
-`jax.jit`, median over repetitions) and steady-state time (median of many calls after warm-up, each
-blocked on), for each batch size; the table gives the ratio ours / hand.
+Group `step`, a full Adam step (gradient and update; reference: hand+optax):
+- ours ppl.svi: `ppl.svi(elbo, adam).step`, which also skips non-finite updates and computes the
+  gradient norm.
+- ours grad+optax (diagnostic): our gradient with the bare optax update hand+optax uses.
+- hand+optax: hand's gradient, `optimizer.update`, `optax.apply_updates`.
+- numpyro SVI.update: `SVI(model, guide, adam, Trace_ELBO()).update` (its key lives in its state).
+
+Group `loop`: the `step` variants chained `--loop-steps` times inside one jitted `lax.scan`, so
+that nothing is loop-invariant and per-call dispatch is amortized; times are per step.
+
+Everything runs under `jax.jit`. Per batch size and group, interleaved: compile time (trace + lower,
+and XLA compile, of a fresh jit, median over repetitions) and steady-state time (rounds of calls,
+the variants interleaved call by call, each call blocked on). The table gives each variant's ratio
+to the group's reference, pooled and as the median of per-round ratios with a 95% bootstrap
+interval over rounds.
 """
 
 import argparse
+import collections
 import math
-import time
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import optax
+from numpyro.infer import SVI, Trace_ELBO
 
 import ppl
-from benchmarks import CpuMonitor, count_eqns, hlo_op_count, median, print_machine, timed
+from benchmarks import (
+    COMPILE_COLUMNS,
+    ROUND_COLUMNS,
+    CpuMonitor,
+    count_eqns,
+    hlo_op_count,
+    mean_difference_z,
+    measure_variants,
+    optax_step,
+    paired_text,
+    print_machine,
+    print_markdown,
+    scan_loop,
+    summarize,
+)
 from ppl import dist
 
 X_DIM, H_DIM, Z_DIM = 784, 200, 10
@@ -136,7 +171,89 @@ def hand_numpyro_step(params, x, key):
     return jax.value_and_grad(hand_numpyro_elbo)(params, x, key)
 
 
-VARIANTS = {"ours": ours_step, "hand": hand_step, "hand+numpyro": hand_numpyro_step}
+# -- NumPyro --------------------------------------------------------------------------------------
+
+
+def np_model(x):
+    dec = numpyro.param("dec")
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand((x.shape[0], Z_DIM)).to_event(2))
+    numpyro.sample("x", dist.Bernoulli(logits=decode(dec, z)).to_event(2), obs=x)
+
+
+def np_guide(x):
+    loc, log_scale = encode(numpyro.param("enc"), x)
+    numpyro.sample("z", dist.Normal(loc, jnp.exp(log_scale)).to_event(2))
+
+
+def numpyro_step(params, x, key):
+    """(-ELBO estimate, its gradient): NumPyro's loss, the params substituted at the param sites."""
+    return jax.value_and_grad(lambda p: Trace_ELBO().loss(key, p, np_model, np_guide, x))(params)
+
+
+def numpyro_key(key):
+    """The key for which `hand_step` draws the same noise as `numpyro_step(.., key)`: Trace_ELBO
+    seeds the guide with `split(key)[1]`, whose seed handler splits once more for the site, as
+    ADEV's reparam rule does."""
+    return jax.random.split(key)[1]
+
+
+# -- full optimizer steps -------------------------------------------------------------------------
+
+OPTIMIZER = optax.adam(1e-3)
+OURS_SVI = ppl.svi(elbo, OPTIMIZER)
+NUMPYRO_SVI = SVI(np_model, np_guide, OPTIMIZER, Trace_ELBO())
+
+
+def ours_svi_step(state, x, key):
+    return OURS_SVI.step(key, state, x)
+
+
+def ours_loss_and_grad(params, x, key):
+    value, grads = ours_step(params, x, key)
+    return -value, jax.tree.map(jnp.negative, grads)
+
+
+def hand_loss_and_grad(params, x, key):
+    return jax.value_and_grad(lambda p: -hand_elbo(p, x, key))(params)
+
+
+def numpyro_svi_step(state, x, key):
+    """`SVI.update`; `key` is unused (the state carries NumPyro's key)."""
+    return NUMPYRO_SVI.update(state, x)
+
+
+def optax_init(params, x, key):
+    return params, OPTIMIZER.init(params)
+
+
+def first(params, x, key):
+    return params
+
+
+# name -> (init(params, x, key) -> state, step(state, x, key)), per group; the first is the reference
+STEPS = {
+    "ours ppl.svi": (lambda p, x, k: OURS_SVI.init(p), ours_svi_step),
+    "ours grad+optax": (optax_init, optax_step(ours_loss_and_grad, OPTIMIZER)),
+    "hand+optax": (optax_init, optax_step(hand_loss_and_grad, OPTIMIZER)),
+    "numpyro SVI.update": (lambda p, x, k: NUMPYRO_SVI.init(k, x, init_params=p), numpyro_svi_step),
+}
+GROUPS = {
+    "grad": (
+        "hand",
+        {
+            "ours": (first, ours_step),
+            "hand": (first, hand_step),
+            "hand+numpyro": (first, hand_numpyro_step),
+            "numpyro": (first, numpyro_step),
+        },
+    ),
+    "step": ("hand+optax", STEPS),
+}
+
+
+def loop_group(length):
+    """The `step` group chained `length` times in a jitted scan."""
+    return "hand+optax", {name: (init, scan_loop(step, length)) for name, (init, step) in STEPS.items()}
 
 
 # -- checks ---------------------------------------------------------------------------------------
@@ -149,180 +266,144 @@ def max_relative_error(grads, reference):
 
 
 def agreement(batch, n_keys=3):
-    """(max |value difference| / |value|, max relative gradient error) of ours against hand, same keys."""
+    """Same noise, against hand: (max |value difference| / |value|, max relative gradient error)
+    for ours and for NumPyro (negated loss and gradient, at `numpyro_key`)."""
     params, x = init_params(jax.random.key(1)), make_data(batch)
-    ours, hand = jax.jit(ours_step), jax.jit(hand_step)
-    worst_v, worst_g = 0.0, 0.0
+    ours, hand, npy = jax.jit(ours_step), jax.jit(hand_step), jax.jit(numpyro_step)
+    worst = {"ours": (0.0, 0.0), "numpyro": (0.0, 0.0)}
     for key in jax.random.split(jax.random.key(123), n_keys):
-        (v1, g1), (v2, g2) = ours(params, x, key), hand(params, x, key)
-        worst_v = max(worst_v, abs(float(v1) - float(v2)) / abs(float(v2)))
-        worst_g = max(worst_g, max_relative_error(g1, g2))
-    return worst_v, worst_g
+        v_hand, g_hand = hand(params, x, key)
+        v_hand_np, g_hand_np = hand(params, x, numpyro_key(key))
+        v_ours, g_ours = ours(params, x, key)
+        loss, g_np = npy(params, x, key)
+        for name, v, g, rv, rg in (
+            ("ours", v_ours, g_ours, v_hand, g_hand),
+            ("numpyro", -loss, jax.tree.map(jnp.negative, g_np), v_hand_np, g_hand_np),
+        ):
+            dv, dg = abs(float(v) - float(rv)) / abs(float(rv)), max_relative_error(g, rg)
+            worst[name] = (max(worst[name][0], dv), max(worst[name][1], dg))
+    return worst
+
+
+def mean_agreement(batch, n_keys):
+    """Independent noise: z-scores of (NumPyro's mean ELBO estimate - hand's) and of the same for
+    the gradient projected on a fixed random direction, over `n_keys` keys each (|z| < 4 agrees)."""
+    params, x = init_params(jax.random.key(1)), make_data(batch)
+    leaves, tree = jax.tree.flatten(params)
+    direction = jax.tree.unflatten(tree, [jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(leaves)])
+    project = lambda g: sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(direction)))
+    hand = jax.jit(lambda p, x, k: (lambda v, g: (v, project(g)))(*hand_step(p, x, k)))
+    npy = jax.jit(lambda p, x, k: (lambda v, g: (-v, -project(g)))(*numpyro_step(p, x, k)))
+    k_hand, k_np = jax.random.split(jax.random.key(99))
+    a = [hand(params, x, k) for k in jax.random.split(k_hand, n_keys)]
+    b = [npy(params, x, k) for k in jax.random.split(k_np, n_keys)]
+    return tuple(float(z) for z in mean_difference_z(a, b))
+
+
+# -- code ------------------------------------------------------------------------------------------
+
+_OPCODE = re.compile(r"^\s*(?:ROOT\s+)?%?\S+\s*=\s*.*?\s([a-z][a-z0-9-]*)\(")
+
+
+def hlo_opcodes(text):
+    """Counter of the opcodes in optimized HLO text (all computations, fusion bodies included)."""
+    return collections.Counter(m.group(1) for line in text.splitlines() if (m := _OPCODE.match(line)))
+
+
+def code_size(step, args):
+    """{jaxpr_eqns, hlo_ops, flops, opcodes} of the jitted step."""
+    compiled = jax.jit(step).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return {
+        "jaxpr_eqns": count_eqns(jax.make_jaxpr(jax.jit(step))(*args)),
+        "hlo_ops": hlo_op_count(compiled),
+        "flops": float(cost.get("flops", float("nan"))) if cost else float("nan"),
+        "opcodes": hlo_opcodes(compiled.as_text()),
+    }
+
+
+def print_opcode_differences(batch, sizes):
+    """The opcodes whose counts differ between the variants."""
+    names = list(sizes)
+    ops = sorted(set().union(*(sizes[n]["opcodes"] for n in names)))
+    rows = [{"op": op, **{n: sizes[n]["opcodes"][op] for n in names}} for op in ops]
+    rows = [r for r in rows if len({r[n] for n in names}) > 1]
+    print(f"\nbatch {batch}: optimized-HLO opcodes whose counts differ")
+    print_markdown(rows, [("opcode", lambda r: r["op"])] + [(n, lambda r, n=n: str(r[n])) for n in names])
 
 
 # -- measurements ---------------------------------------------------------------------------------
 
 
-def fresh(step):
-    """A new jitted function (a new closure, so no tracing or compilation cache applies)."""
-    return jax.jit(lambda p, x, k: step(p, x, k))
-
-
-def compile_times(step, args):
-    """(trace + lower seconds, XLA compile seconds, compiled) of a fresh jit of `step`."""
-    lowered, t_lower = timed_lower(fresh(step), args)
-    compiled, t_compile = timed(lambda: lowered.compile())
-    return t_lower, t_compile, compiled
-
-
-def timed_lower(jitted, args):
-    t = time.perf_counter()
-    lowered = jitted.lower(*args)
-    return lowered, time.perf_counter() - t
-
-
-def measure(batch, rounds, calls, compile_reps, variants, monitor, max_wait):
-    """Everything for one batch size; the variants are interleaved in every phase. Before each
-    compile repetition and each steady-state round the machine is given up to `max_wait` seconds
-    to become quiet, and the CPU load of other processes during it is recorded."""
+def measure_group(batch, group, reference, variants, calls, args, steps_per_call=1, with_code=True):
+    """Rows of one group at one batch size (see `benchmarks.summarize`), with code sizes."""
     params, x = init_params(jax.random.key(1)), make_data(batch)
     key = jax.random.key(0)
-    args = (params, x, key)
-    res = {name: {"compile_reps": [], "rounds": []} for name in variants}
-
-    # Compile: fresh jits, alternating order; one unmeasured repetition first (warms JAX's own
-    # caches, e.g. the jitted helpers inside jax.random, for every variant alike).
-    for rep in range(compile_reps + 1):
-        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
-        for name in order:
-            monitor.wait_quiet(max_wait)
-            start = monitor.snapshot()
-            t_lower, t_compile, _ = compile_times(variants[name], args)
-            f = fresh(variants[name])
-            _, t_first = timed(lambda f=f: f(*args))
-            if rep > 0:
-                res[name]["compile_reps"].append(
-                    {"lower": t_lower, "compile": t_compile, "first_call": t_first, "load": monitor.other_cores(start)}
-                )
-
-    # Steady state: one compiled function per variant, warmed up, then rounds of calls with the
-    # variants interleaved (alternating order), each call blocked on.
-    compiled = {name: jax.jit(variants[name]) for name in variants}
+    states = {name: (init(params, x, key), x) for name, (init, _) in variants.items()}
+    steps = {name: step for name, (_, step) in variants.items()}
     keys = list(jax.random.split(jax.random.key(7), calls))
-    for name in variants:
-        for k in keys[:3]:
-            jax.block_until_ready(compiled[name](params, x, k))
-    for r in range(rounds):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))
-        monitor.wait_quiet(max_wait)
-        start = monitor.snapshot()
-        times = {}
-        for name in order:
-            f = compiled[name]
-            times[name] = [timed(lambda f=f, k=k: f(params, x, k))[1] for k in keys]
-        load = monitor.other_cores(start)
-        for name in variants:
-            res[name]["rounds"].append({"times": times[name], "load": load})
-
-    # Code size: jaxpr equations (recursive) and optimized-HLO instructions.
-    for name in variants:
-        res[name]["jaxpr_eqns"] = count_eqns(jax.make_jaxpr(jax.jit(variants[name]))(*args))
-        lowered = jax.jit(variants[name]).lower(*args)
-        c = lowered.compile()
-        res[name]["hlo_ops"] = hlo_op_count(c)
-        cost = c.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        res[name]["flops"] = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    return res
-
-
-def quiet(entries, threshold, at_least):
-    """The entries measured on a quiet machine, or all of them when fewer than `at_least` were."""
-    q = [e for e in entries if e["load"] < threshold]
-    return (q, True) if len(q) >= at_least else (entries, False)
-
-
-def summarize(batch, res, threshold):
-    rows = []
-    hand_rounds, _ = quiet(res["hand"]["rounds"], threshold, 5)
-    for name, r in res.items():
-        rounds, rounds_quiet = quiet(r["rounds"], threshold, 5)
-        reps, reps_quiet = quiet(r["compile_reps"], threshold, 1)
-        steady = [t for rd in rounds for t in rd["times"]]
-        paired = np.asarray([median(a["times"]) / median(h["times"]) for a, h in zip(rounds, hand_rounds)])
-        rows.append(
-            {
-                "batch": batch,
-                "variant": name,
-                "lower_s": median([e["lower"] for e in reps]),
-                "compile_s": median([e["compile"] for e in reps]),
-                "first_call_s": median([e["first_call"] for e in reps]),
-                "best_total_s": min(e["lower"] + e["compile"] for e in reps),
-                "compile_reps": f"{len(reps)}{'' if reps_quiet else ' (busy)'}",
-                "steady_ms": 1e3 * median(steady),
-                "steady_iqr_ms": tuple(1e3 * q for q in np.percentile(steady, [25, 75])),
-                "steady_p10_ms": 1e3 * float(np.percentile(steady, 10)),
-                "rounds": f"{len(rounds)}/{len(r['rounds'])}{'' if rounds_quiet else ' (busy)'}",
-                "n_calls": len(steady),
-                "paired_ratio": float(np.median(paired)),
-                "paired_ratio_iqr": tuple(float(q) for q in np.percentile(paired, [25, 75])),
-                "jaxpr_eqns": r["jaxpr_eqns"],
-                "hlo_ops": r["hlo_ops"],
-                "flops": r["flops"],
-            }
-        )
+    monitor = CpuMonitor(args.quiet_cores)
+    compile_reps = args.compile_reps if with_code else 0
+    res = measure_variants(steps, states, keys, args.rounds, compile_reps, monitor, args.max_wait)
+    rows = summarize(res, reference, args.quiet_cores, steps_per_call)
+    for row in rows:
+        row |= {"batch": batch, "group": group, "reference": reference}
+        if with_code:
+            row |= code_size(steps[row["variant"]], (*states[row["variant"]], key))
     return rows
 
 
-def print_table(rows):
-    by = {(r["batch"], r["variant"]): r for r in rows}
-    print()
-    print(
-        "| batch | variant | trace+lower (s) | XLA compile (s) | compile total, best (s) | first call (s) "
-        "| first call vs hand "
-        "| steady, median (ms) | steady IQR (ms) | steady vs hand | per-round ratio, median (IQR) "
-        "| steady p10 (ms) | p10 vs hand | rounds used |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        h = by[(r["batch"], "hand")]
-        print(
-            f"| {r['batch']} | {r['variant']} | {r['lower_s']:.3f} | {r['compile_s']:.3f} | {r['best_total_s']:.3f} "
-            f"| {r['first_call_s']:.3f} "
-            f"| {r['first_call_s'] / h['first_call_s']:.2f}x "
-            f"| {r['steady_ms']:.3f} | {r['steady_iqr_ms'][0]:.3f}-{r['steady_iqr_ms'][1]:.3f} "
-            f"| **{r['steady_ms'] / h['steady_ms']:.3f}x** "
-            f"| {r['paired_ratio']:.3f}x ({r['paired_ratio_iqr'][0]:.3f}-{r['paired_ratio_iqr'][1]:.3f}) "
-            f"| {r['steady_p10_ms']:.3f} | {r['steady_p10_ms'] / h['steady_p10_ms']:.3f}x "
-            f"| {r['rounds']} |"
-        )
-    print()
-    print("| batch | variant | jaxpr eqns (recursive) | optimized HLO instrs | XLA flops |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['variant']} | {r['jaxpr_eqns']} | {r['hlo_ops']} | {r['flops']:.4g} |")
-    print()
+TIME_COLUMNS = [
+    ("batch", lambda r: str(r["batch"])),
+    ("group", lambda r: r["group"]),
+    ("variant", lambda r: r["variant"]),
+    *COMPILE_COLUMNS,
+    ("steady, median (ms/step)", lambda r: f"{r['steady_ms']:.3f}"),
+    ("IQR (ms)", lambda r: f"{r['steady_iqr_ms'][0]:.3f}-{r['steady_iqr_ms'][1]:.3f}"),
+    ("p10 (ms)", lambda r: f"{r['steady_p10_ms']:.3f}"),
+    ("vs reference", lambda r: f"**{r['ratio']:.3f}x**"),
+    *ROUND_COLUMNS,
+]
+CODE_COLUMNS = [
+    ("batch", lambda r: str(r["batch"])),
+    ("group", lambda r: r["group"]),
+    ("variant", lambda r: r["variant"]),
+    ("jaxpr eqns (recursive)", lambda r: str(r["jaxpr_eqns"])),
+    ("optimized HLO instrs", lambda r: str(r["hlo_ops"])),
+    ("XLA flops", lambda r: f"{r['flops']:.4g}"),
+]
+
+
+def print_verdicts(rows):
+    """ours / hand and ours / NumPyro in the `grad` group, against the targets."""
     for batch in sorted({r["batch"] for r in rows}):
-        ratio = by[(batch, "ours")]["steady_ms"] / by[(batch, "hand")]["steady_ms"]
-        paired = by[(batch, "ours")]["paired_ratio"]
-        p10 = by[(batch, "ours")]["steady_p10_ms"] / by[(batch, "hand")]["steady_p10_ms"]
-        verdict = "met" if ratio <= 1.05 else "NOT met"
-        if "busy" in by[(batch, "ours")]["rounds"]:
-            verdict += " (but other processes kept the machine busy in every round: not reliable)"
+        by = {r["variant"]: r for r in rows if r["batch"] == batch and r["group"] == "grad"}
+        if not by:
+            continue
+        ours, npy = by["ours"], by["numpyro"]
+        verdict = "met" if ours["ratio"] <= 1.05 else "NOT met"
+        if "busy" in ours["rounds"]:
+            verdict += " (other processes kept the machine busy in every round: not reliable)"
         print(
-            f"batch {batch}: steady-state ours/hand = {ratio:.3f}x (median of per-round ratios {paired:.3f}x, "
-            f"10th percentiles {p10:.3f}x) "
-            f"-> target <= 1.05x {verdict}"
+            f"batch {batch}: ours/hand = {ours['ratio']:.3f}x pooled, per round {paired_text(ours)} "
+            f"-> target <= 1.05x {verdict}; "
+            f"ours/numpyro = {ours['steady_ms'] / npy['steady_ms']:.3f}x "
+            f"({'faster' if ours['steady_ms'] < npy['steady_ms'] else 'NOT faster'})"
         )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 1024])
+    parser.add_argument("--groups", nargs="+", default=["grad", "step", "loop"], choices=["grad", "step", "loop"])
     parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds of steady-state calls")
     parser.add_argument("--calls", type=int, default=0, help="calls per round (default: 20 for B<=256, else 5)")
+    parser.add_argument("--loop-steps", type=int, default=0, help="steps per scan (default: 3200 / B, at least 5)")
+    parser.add_argument("--loop-calls", type=int, default=3, help="scans per round")
     parser.add_argument("--compile-reps", type=int, default=3)
-    parser.add_argument("--no-numpyro-variant", action="store_true", help="leave out the hand+numpyro diagnostic")
+    parser.add_argument("--check-keys", type=int, default=64, help="keys for the independent-noise check")
+    parser.add_argument("--hlo", action="store_true", help="print the optimized-HLO opcodes that differ")
     parser.add_argument("--max-wait", type=float, default=10.0, help="seconds to wait for a quiet machine each time")
     parser.add_argument(
         "--quiet-cores", type=float, default=0.25, help="rounds where other processes used more CPU are set aside"
@@ -330,21 +411,36 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     print_machine()
-    monitor = CpuMonitor(args.quiet_cores)
-    variants = dict(VARIANTS)
-    if args.no_numpyro_variant:
-        del variants["hand+numpyro"]
     rows = []
     for batch in args.batches:
-        dv, dg = agreement(batch)
+        same = agreement(batch)
+        z_value, z_grad = mean_agreement(batch, args.check_keys)
         print(
-            f"batch {batch}: same key -> |ELBO ours - hand|/|ELBO| = {dv:.2e}, "
-            f"max relative gradient difference = {dg:.2e}"
+            f"batch {batch}: same noise as hand -> ours: ELBO rel. diff {same['ours'][0]:.2e}, gradient "
+            f"{same['ours'][1]:.2e}; numpyro: {same['numpyro'][0]:.2e}, {same['numpyro'][1]:.2e}. "
+            f"Independent noise, {args.check_keys} keys each: numpyro - hand z = {z_value:.2f} (ELBO), "
+            f"{z_grad:.2f} (gradient . random direction)"
         )
         calls = args.calls or (20 if batch <= 256 else 5)
-        res = measure(batch, args.rounds, calls, args.compile_reps, variants, monitor, args.max_wait)
-        rows += summarize(batch, res, args.quiet_cores)
-    print_table(rows)
+        for group in args.groups:
+            if group == "loop":
+                length = args.loop_steps or max(5, 3200 // batch)
+                reference, variants = loop_group(length)
+                rows += measure_group(
+                    batch, f"loop ({length} steps)", reference, variants, args.loop_calls, args, length, False
+                )
+            else:
+                reference, variants = GROUPS[group]
+                rows += measure_group(batch, group, reference, variants, calls, args)
+        if args.hlo and "grad" in args.groups:
+            sized = {r["variant"]: r for r in rows if r["batch"] == batch and r["group"] == "grad"}
+            print_opcode_differences(batch, sized)
+    print()
+    print_markdown(rows, TIME_COLUMNS)
+    print()
+    print_markdown([r for r in rows if "hlo_ops" in r], CODE_COLUMNS)
+    print()
+    print_verdicts(rows)
     return rows
 
 

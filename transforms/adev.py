@@ -51,9 +51,8 @@ class Dual:
 
 class State(NamedTuple):
     key: object
-    score: object  # tangent of the summed REINFORCE scores and enumerated log-probabilities, per world
+    score: object  # tangent of the summed REINFORCE scores (None in primal-only mode), per world
     baseline: object  # tangent of the summed baseline * score terms, per world
-    log_weight: object = None  # log probability of each world (None before any enumeration)
 
 
 class DualSite(Site):
@@ -124,7 +123,7 @@ class Interpreter:
 
     def run(self, eqns, i, env, state, k):
         """Evaluate eqns[i:] then call k(env, state, interpreter); returns what k (or a rule)
-        returns: (value, tangent), each world's weighted by its probability (world axes first). Continuations take
+        returns: (value, tangent) in every world (world axes first). Continuations take
         the interpreter that reaches them, so a primal-only fork that leaves a sub-program (a jit
         body, a cond branch, an unrolled scan step) stays primal-only, and worlds opened by an
         enumerated site inside a sub-program carry on after it."""
@@ -194,7 +193,7 @@ class Interpreter:
         pending = [Dual(getattr(state, f), None, axes(getattr(state, f))) for f in fields]
 
         def one_world(ds):
-            s = state._replace(log_weight=None, **{f: d.primal for f, d in zip(fields, ds[len(duals) :])})
+            s = state._replace(**{f: d.primal for f, d in zip(fields, ds[len(duals) :])})
             outs, s = method(eqn, ds[: len(duals)], s)
             return (outs, [Dual(getattr(s, f)) for f in fields]), s.key
 
@@ -234,7 +233,7 @@ class Interpreter:
 
         def go_primal(value):
             side = self.derived(primal_only=True)
-            s = State(key, None, None, state.log_weight)
+            s = State(key, None, None)
             return side.run(eqns, i + 1, {**env, out: Dual(value)}, s, _primal_k(k))
 
         return estimator.rule(first, site_key, Cont(go, go_primal))
@@ -253,10 +252,10 @@ class Interpreter:
         return estimator
 
     def split(self, eqns, i, eqn, duals, estimator, env, state, k):
-        """Exact enumeration: the site gets the next world axis, one world per support value; the
-        value's probability joins each world's weight and the tangent of its log-probability joins
-        the world's score (as REINFORCE's does). The rest of the program runs once over all worlds
-        and returns each one's weighted result; summing over the new axis gives this site's."""
+        """Exact enumeration: the site gets the next world axis, one world per support value, and
+        the rest of the program runs once over all worlds (each world's pending REINFORCE terms are
+        its parent's). Each world's result is then combined with its probability p:
+        value sum_v p(v) f(v), tangent sum_v p(v) (f'(v) + f(v) d log p(v))."""
         worlds, rank = _world_axes(duals), len(self.worlds)
         values = estimator.support(DualSite(eqn, [_first_world(d) for d in duals]))
         log_p, dlog_p = _per_world(duals, lambda ds: estimator.log_probs(DualSite(eqn, ds), values))
@@ -264,22 +263,19 @@ class Interpreter:
         axis = self.base + rank
         as_child = lambda x: _dense(x, worlds + ((axis, m),), rank + 1, self.base)  # the support axis is `axis`
         grow = lambda x: None if x is None else x.reshape(x.shape[:rank] + (1,) + x.shape[rank:])
-        state = state._replace(
-            score=_add(grow(state.score), as_child(dlog_p)),
-            baseline=grow(state.baseline),
-            log_weight=_add(grow(state.log_weight), as_child(log_p)),
-        )
+        state = state._replace(score=grow(state.score), baseline=grow(state.baseline))
         children = self.derived(worlds=self.worlds + (m,))
         value = Dual(values, None, ((axis, m),))
-        results = children.run(eqns, i + 1, {**env, eqn.outvars[0]: value}, state, k)
-        full = lambda r: jnp.broadcast_to(r, r.shape[:rank] + (m,) + r.shape[rank + 1 :])
-        return tuple(None if r is None else jnp.sum(full(r), rank) for r in results)
+        primals, tangents = children.run(eqns, i + 1, {**env, eqn.outvars[0]: value}, state, k)
+        p, dlog_p = jnp.exp(as_child(log_p)), as_child(dlog_p)
+        terms = [t for t in (tangents, None if dlog_p is None else dlog_p * primals) if t is not None]
+        tangent = jnp.sum(p * sum(terms), rank) if terms else None
+        return jnp.sum(p * primals, rank), tangent
 
     def per_world_rule(self, eqns, i, eqn, duals, env, state, k):
         """A forking rule (MVD, leave-one-out, enumeration of a batched site) after an exactly
         enumerated site: run it, and the rest of the program, once per world under `vmap` over the
-        world index, with every world-dependent value read at that world's coordinates. Results
-        stay weighted by each world's probability, so the worlds still sum."""
+        world index, with every world-dependent value read at that world's coordinates."""
         axes = range(self.base, self.base + len(self.worlds))
 
         def one(world):
@@ -415,7 +411,11 @@ class Interpreter:
             return lax.switch(index.primal, branches, ops, state)
         which = jnp.clip(_dense(index.primal, index.worlds, len(self.worlds), self.base), 0, len(branches) - 1)
         results = [b(ops, state) for b in branches]
-        return jax.tree.map(lambda *rs: lax.select_n(jnp.broadcast_to(which, rs[0].shape), *rs), *results)
+        def select(*rs):
+            shape = jnp.broadcast_shapes(which.shape, *(r.shape for r in rs))
+            return lax.select_n(jnp.broadcast_to(which, shape), *(jnp.broadcast_to(r, shape) for r in rs))
+
+        return jax.tree.map(select, *results)
 
 
 UNROLL_LIMIT = 32
@@ -556,18 +556,17 @@ def _primal_k(k):
 
 
 def finish(out_var):
-    """The top-level end of the program: its value in every world, with pending REINFORCE and
-    enumeration terms resolved, times the world's probability."""
+    """The top-level end of the program: its value in every world, with pending REINFORCE terms
+    resolved."""
 
     def k(env, state, interp):
         d = interp.read(env, out_var)
         rank = len(interp.worlds)
         value = _dense(d.primal, d.worlds, rank, interp.base)
-        weighted = (lambda x: x) if state.log_weight is None else (lambda x: jnp.exp(state.log_weight) * x)
         if state.score is None:
-            return weighted(value), None
+            return value, None
         tangent = jnp.zeros_like(value) if d.tangent is None else _dense(d.tangent, d.worlds, rank, interp.base)
-        return weighted(value), weighted(tangent + value * state.score - state.baseline)
+        return value, tangent + value * state.score - state.baseline
 
     return k
 
