@@ -27,7 +27,7 @@ def assert_sane_timing(row, reference):
     lo, hi = row["paired_ci"]
     assert 0 < lo <= row["paired_ratio"] <= hi < math.inf, row
     if row["variant"] == reference:
-        assert row["ratio"] == row["paired_ratio"] == 1.0, row
+        assert row["ratio"] == pytest.approx(1.0) and row["paired_ratio"] == pytest.approx(1.0), row
 
 
 def test_bootstrap_and_z_helpers():
