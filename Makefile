@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.vae_step
 	$(BIN)/python -m benchmarks.logreg_steps
 	$(BIN)/python -m benchmarks.enum_scaling
+	$(BIN)/python -m benchmarks.air_epoch
 
 notebooks: $(STAMP)
 	$(BIN)/jupyter execute --inplace --timeout=1800 notebooks/*.ipynb
