@@ -1,5 +1,5 @@
 """Approximate marginalization and normalization by nested importance sampling
-(Lew et al., "Probabilistic programming with programmable variational inference", PLDI 2024).
+(Becker, Lew et al., "Probabilistic programming with programmable variational inference", PLDI 2024).
 
 `marginal(q, keep, sir(K, proposal=r))` stands for the marginal of `q` over the addresses in
 `keep`; the other addresses u are integrated out by importance sampling with proposal r(u | z):
