@@ -209,7 +209,7 @@ class Interpreter:
         out = eqn.outvars[0]
         estimator = None if first.observed or self.primal_only else self.estimator(first)
         if estimator is not None and estimator.splits(first):
-            return self.split(eqns, i, eqn, duals, estimator, env, state, k)
+            return self.split(eqns, i, eqn, first, duals, worlds, estimator, env, state, k)
         key, site_key = (state.key, None) if first.observed else jax.random.split(state.key)
 
         def go(value, value_tangent=None, score=None, baseline=None, value_worlds=()):
@@ -251,13 +251,13 @@ class Interpreter:
             )
         return estimator
 
-    def split(self, eqns, i, eqn, duals, estimator, env, state, k):
+    def split(self, eqns, i, eqn, first, duals, worlds, estimator, env, state, k):
         """Exact enumeration: the site gets the next world axis, one world per support value, and
         the rest of the program runs once over all worlds (each world's pending REINFORCE terms are
         its parent's). Each world's result is then combined with its probability p:
         value sum_v p(v) f(v), tangent sum_v p(v) (f'(v) + f(v) d log p(v))."""
-        worlds, rank = _world_axes(duals), len(self.worlds)
-        values = estimator.support(DualSite(eqn, [_first_world(d) for d in duals]))
+        rank = len(self.worlds)
+        values = estimator.support(first)
         log_p, dlog_p = _per_world(duals, lambda ds: estimator.log_probs(DualSite(eqn, ds), values))
         m = values.shape[0]
         axis = self.base + rank
@@ -276,13 +276,11 @@ class Interpreter:
         """A forking rule (MVD, leave-one-out, enumeration of a batched site) after an exactly
         enumerated site: run it, and the rest of the program, once per world under `vmap` over the
         world index, with every world-dependent value read at that world's coordinates."""
-        axes = range(self.base, self.base + len(self.worlds))
+        end = self.base + len(self.worlds)
 
         def one(world):
-            coords = dict(zip(axes, jnp.unravel_index(world, self.worlds)))
-            inner = Interpreter(
-                self.primal_only, self.scope, (), self.base + len(self.worlds), {**self.coords, **coords}
-            )
+            coords = dict(zip(range(self.base, end), jnp.unravel_index(world, self.worlds)))
+            inner = Interpreter(self.primal_only, self.scope, (), end, {**self.coords, **coords})
             at = tuple(coords.values())
             fixed = state._replace(**{f: None if x is None else x[at] for f, x in zip(State._fields[1:], state[1:])})
             return inner.site(eqns, i, eqn, [inner.fix(d) for d in duals], env, fixed, k)
@@ -411,6 +409,7 @@ class Interpreter:
             return lax.switch(index.primal, branches, ops, state)
         which = jnp.clip(_dense(index.primal, index.worlds, len(self.worlds), self.base), 0, len(branches) - 1)
         results = [b(ops, state) for b in branches]
+
         def select(*rs):
             shape = jnp.broadcast_shapes(which.shape, *(r.shape for r in rs))
             return lax.select_n(jnp.broadcast_to(which, shape), *(jnp.broadcast_to(r, shape) for r in rs))
@@ -439,22 +438,25 @@ def _world_axes(duals):
     return tuple(sorted(sizes.items()))
 
 
+def _align(x, worlds, axes):
+    """`x`, led by the world axes `worlds`, reshaped to be led by `axes` (a superset; size 1 where
+    `x` does not vary)."""
+    have = dict(worlds)
+    return x.reshape(tuple(have.get(axis, 1) for axis in axes) + x.shape[len(worlds) :])
+
+
 def _expand(x, worlds, wanted):
     """`x`, led by the world axes `worlds`, led instead by the (more) world axes `wanted`."""
     if x is None or worlds == wanted:
         return x
-    x, have = jnp.asarray(x), dict(worlds)
-    x = x.reshape(tuple(have.get(axis, 1) for axis, _ in wanted) + x.shape[len(worlds) :])
+    x = _align(jnp.asarray(x), worlds, [axis for axis, _ in wanted])
     return jnp.broadcast_to(x, tuple(size for _, size in wanted) + x.shape[len(wanted) :])
 
 
 def _dense(x, worlds, rank, base=0):
     """`x`, led by the world axes `worlds`, led instead by all `rank` world axes from `base` on
     (size 1 where it does not vary)."""
-    if x is None:
-        return None
-    x, have = jnp.asarray(x), dict(worlds)
-    return x.reshape(tuple(have.get(base + j, 1) for j in range(rank)) + x.shape[len(worlds) :])
+    return None if x is None else _align(jnp.asarray(x), worlds, range(base, base + rank))
 
 
 def _first_world(d):
