@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transforms import compat, estimators
-from transforms.interpreter import site_avals, unsupported
+from transforms.interpreter import live_eqns, site_avals, unsupported
 from transforms.primitives import Site, eqn_contains_sample, format_address, sample_p
 
 
@@ -255,10 +255,10 @@ class Interpreter:
         """Exact enumeration: the site gets the next world axis, one world per support value, and
         the rest of the program runs once over all worlds (each world's pending REINFORCE terms are
         its parent's). Each world's result is then combined with its probability p:
-        value sum_v p(v) f(v), tangent sum_v p(v) (f'(v) + f(v) d log p(v))."""
+        value sum_v p(v) f(v), tangent sum_v p(v) f'(v) + dp(v) f(v)."""
         rank = len(self.worlds)
         values = estimator.support(first)
-        log_p, dlog_p = _per_world(duals, lambda ds: estimator.log_probs(DualSite(eqn, ds), values))
+        p, dp = _per_world(duals, lambda ds: estimator.probs(DualSite(eqn, ds), values))
         m = values.shape[0]
         axis = self.base + rank
         as_child = lambda x: _dense(x, worlds + ((axis, m),), rank + 1, self.base)  # the support axis is `axis`
@@ -267,9 +267,10 @@ class Interpreter:
         children = self.derived(worlds=self.worlds + (m,))
         value = Dual(values, None, ((axis, m),))
         primals, tangents = children.run(eqns, i + 1, {**env, eqn.outvars[0]: value}, state, k)
-        p, dlog_p = jnp.exp(as_child(log_p)), as_child(dlog_p)
-        terms = [t for t in (tangents, None if dlog_p is None else dlog_p * primals) if t is not None]
-        tangent = jnp.sum(p * sum(terms), rank) if terms else None
+        p, dp = as_child(p), as_child(dp)
+        terms = [p * tangents if tangents is not None else None, dp * primals if dp is not None else None]
+        terms = [t for t in terms if t is not None]
+        tangent = jnp.sum(sum(terms), rank) if terms else None
         return jnp.sum(p * primals, rank), tangent
 
     def per_world_rule(self, eqns, i, eqn, duals, env, state, k):
@@ -303,7 +304,7 @@ class Interpreter:
                 outer[v] = interp.read(sub_env, atom)
             return interp.run(eqns, i + 1, outer, s, k)
 
-        return self.run(jaxpr.eqns, 0, _bind(jaxpr, consts, duals), state, back)
+        return self.run(live_eqns(jaxpr), 0, _bind(jaxpr, consts, duals), state, back)
 
     def body(self, closed, scope):
         """A function (duals, state) -> (out duals, state) evaluating a sub-jaxpr locally."""
@@ -312,7 +313,8 @@ class Interpreter:
 
         def f(duals, state):
             env = _bind(jaxpr, closed.consts, duals)
-            return inner.run(jaxpr.eqns, 0, env, state, lambda e, s, _: ([inner.read(e, v) for v in jaxpr.outvars], s))
+            outputs = lambda e, s, _: ([inner.read(e, v) for v in jaxpr.outvars], s)
+            return inner.run(live_eqns(jaxpr), 0, env, state, outputs)
 
         return f
 
@@ -392,7 +394,7 @@ class Interpreter:
                 outs = [interp2.read(benv, a) for a in body.jaxpr.outvars]
                 return iteration(n + 1, outs[:nk], {**ys, t: outs[nk:]}, s2, interp2)
 
-            return interp.run(body.jaxpr.eqns, 0, _bind(body.jaxpr, body.consts, consts + carry + x_t), s, back)
+            return interp.run(live_eqns(body.jaxpr), 0, _bind(body.jaxpr, body.consts, consts + carry + x_t), s, back)
 
         return iteration(0, init, {}, state, self)
 
@@ -581,7 +583,7 @@ def dual_estimate(closed, key, args, tangents):
     dtype = jaxpr.outvars[0].aval.dtype
     zero = jnp.zeros((), dtype) if any(t is not None for t in tangents) else None
     interp = Interpreter(primal_only=False)
-    return interp.run(jaxpr.eqns, 0, env, State(key, zero, zero), finish(jaxpr.outvars[0]))
+    return interp.run(live_eqns(jaxpr), 0, env, State(key, zero, zero), finish(jaxpr.outvars[0]))
 
 
 def check_objective(closed):

@@ -14,7 +14,7 @@ A rule with `local = True` calls `cont` exactly once, so it also works inside `s
 bodies. Rules return what `cont` returns.
 
 An estimator whose `splits(site)` is true (exact enumeration) has no rule at that site: ADEV asks
-it for `support(site)` and `log_probs(site, values)` and runs the rest of the program once over
+it for `support(site)` and `probs(site, values)` and runs the rest of the program once over
 all values at once, one *world* per value, weighted by its probability.
 
     >>> ppl.sample("k", dist.Bernoulli(p), estimator=enum())
@@ -172,9 +172,14 @@ class Enum(Estimator):
         support = families.unwrap(site.distribution).enumerate_support(expand=False)
         return support.reshape((support.shape[0],) + site.value_shape).astype(site.value_dtype)
 
-    def log_probs(self, site, values):
-        """(log p(value), its tangent or None) for each of `values`."""
-        return jax.vmap(lambda v: site.jvp_leaves(lambda ls: site.log_prob(v, ls)))(values)
+    def probs(self, site, values):
+        """(p(value), its tangent or None) for each of `values`, the support in order."""
+        if site.scale == 1.0 and families.has_support_probs(site.distribution):
+            one_coordinate = lambda ls: site.map(lambda d, _: families.support_probs(d), ls).reshape(-1)
+            return site.jvp_leaves(one_coordinate)
+        log_p, dlog_p = jax.vmap(lambda v: site.jvp_leaves(lambda ls: site.log_prob(v, ls)))(values)
+        p = jnp.exp(log_p)
+        return p, None if dlog_p is None else p * dlog_p
 
 
 @_estimator

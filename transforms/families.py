@@ -43,6 +43,26 @@ def coordinate_params(d, names):
     return out
 
 
+def support_probs(d):
+    """Probabilities of the values of `unwrap(d).enumerate_support(expand=False)`, in order (last
+    axis), read off the parameters of a Bernoulli or Categorical (no log/exp round trip, which keeps
+    enumerated gradient programs small); None for other families.
+
+        >>> support_probs(nd.Bernoulli(probs=0.25))        # [0.75, 0.25]
+    """
+    base = unwrap(d)
+    if isinstance(base, (nd.BernoulliProbs, nd.BernoulliLogits)):
+        return jnp.stack([1.0 - base.probs, base.probs], -1)
+    if isinstance(base, (nd.CategoricalProbs, nd.CategoricalLogits)):
+        return base.probs
+    return None
+
+
+def has_support_probs(d):
+    """Whether `support_probs(d)` has a formula for `d`."""
+    return family_name(d) in ("bernoulli", "categorical")
+
+
 def family_name(d):
     base = unwrap(d)
     for name, cls in _FAMILY_CLASSES.items():

@@ -40,6 +40,23 @@ def site_avals(jaxpr, scan_lengths=()):
     return found
 
 
+def live_eqns(jaxpr):
+    """The equations of an open jaxpr that its outputs, its sample sites or its effects depend
+    on, in order (NumPyro's argument checks, for example, leave unused values behind); dropping
+    the rest saves interpreting them.
+
+        >>> [e.primitive.name for e in live_eqns(jax.make_jaxpr(lambda x: (x > 0, x + 1)[1])(1.0).jaxpr)]
+        ['add']
+    """
+    live = {v for v in jaxpr.outvars if not isinstance(v, compat.Literal)}
+    kept = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or eqn_contains_sample(eqn) or any(v in live for v in eqn.outvars):
+            kept.append(eqn)
+            live.update(v for v in eqn.invars if not isinstance(v, compat.Literal))
+    return kept[::-1]
+
+
 def check_unique_addresses(jaxpr):
     """Raise if two sites share an address (sites in different branches of one cond may)."""
     seen = set()
