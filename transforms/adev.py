@@ -166,6 +166,10 @@ class Interpreter:
         return Dual(d.primal[at], None if d.tangent is None else d.tangent[at], d.worlds[len(fixed) :])
 
     def jvp_eqn(self, eqn, duals):
+        if compat.is_elementwise(eqn.primitive) and any(d.worlds for d in duals):
+            wanted = _world_axes(duals)
+            outs = self._jvp_one_world(eqn, [_broadcast_to_worlds(d, wanted, eqn.outvars[0].aval.shape) for d in duals])
+            return [dataclasses.replace(o, worlds=wanted) for o in outs]
         return _per_world(duals, lambda ds: self._jvp_one_world(eqn, ds))
 
     def _jvp_one_world(self, eqn, duals):
@@ -459,6 +463,24 @@ def _dense(x, worlds, rank, base=0):
     """`x`, led by the world axes `worlds`, led instead by all `rank` world axes from `base` on
     (size 1 where it does not vary)."""
     return None if x is None else _align(jnp.asarray(x), worlds, range(base, base + rank))
+
+
+def _broadcast_to_worlds(d, wanted, shape):
+    """The operand `d` of an elementwise equation with output `shape`, broadcast to be led by the
+    world axes `wanted` (rank-0 operands without worlds are left to the primitive's broadcasting)."""
+    if not d.worlds and jnp.ndim(d.primal) == 0:
+        return d
+    full = tuple(size for _, size in wanted) + tuple(shape)
+
+    def widen(x):
+        if x is None:
+            return None
+        x = _align(jnp.asarray(x), d.worlds, [axis for axis, _ in wanted])
+        own = x.shape[len(wanted) :]
+        x = x.reshape(x.shape[: len(wanted)] + (1,) * (len(shape) - len(own)) + own)
+        return jnp.broadcast_to(x, full)
+
+    return Dual(widen(d.primal), widen(d.tangent))
 
 
 def _first_world(d):

@@ -82,6 +82,13 @@ def bind_eqn(eqn, invals):
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def is_elementwise(primitive):
+    """Whether `primitive` acts elementwise with shape-free params (JAX batches it by broadcasting
+    its operands): evaluating it on operands with extra leading axes is evaluating it per element."""
+    rule = getattr(batching.fancy_primitive_batchers.get(primitive), "func", None)
+    return getattr(rule, "__name__", None) in ("broadcast_batcher", "vectorized_batcher")
+
+
 def read_atom(env, atom):
     """Value of a jaxpr variable or literal."""
     return atom.val if isinstance(atom, Literal) else env[atom]

@@ -171,6 +171,17 @@ def test_stop_gradient_on_tangents_transposes():
     np.testing.assert_allclose(jax.grad(f)(1.0), 5.0)
 
 
+def test_is_elementwise_matches_evaluating_with_leading_axes():
+    """ADEV evaluates elementwise equations on world-broadcast operands without `vmap`."""
+    for p in (lax.add_p, lax.mul_p, lax.sin_p, lax.logistic_p, lax.integer_pow_p, lax.eq_p):
+        assert compat.is_elementwise(p), p
+    for p in (lax.reduce_sum_p, lax.dot_general_p, lax.broadcast_in_dim_p, lax.cumsum_p, sample_p, lax.transpose_p):
+        assert not compat.is_elementwise(p), p
+    (eqn,) = jax.make_jaxpr(lambda x: lax.integer_pow(x, 3))(jnp.ones(2)).jaxpr.eqns
+    x = jnp.arange(6.0).reshape(3, 2)
+    np.testing.assert_allclose(compat.bind_eqn(eqn, [x])[0], x**3)
+
+
 # -- the pinned version ------------------------------------------------------------------------------
 
 

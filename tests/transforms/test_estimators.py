@@ -517,14 +517,23 @@ def test_enum_batched_site_is_unbiased(case, layout):
     check_batched(case, ppl.enum(), layout, "enum")
 
 
-def test_enum_chain_of_three_dependent_sites_is_exact():
+@pytest.mark.parametrize("parametrization", ["logits", "probs", "expanded"])
+def test_enum_chain_of_three_dependent_sites_is_exact(parametrization):
     # theta: x1 ~ Bernoulli(sigmoid(t0)); x2 ~ Categorical(logits = t1:4 + t4 x1);
-    # x3 ~ Binomial(3, sigmoid(t5 + t6 x2)); f also depends on theta directly.
+    # x3 ~ Binomial(3, sigmoid(t5 + t6 x2)); f also depends on theta directly. Bernoulli and
+    # Categorical weights are read off either parameter (also under a size-1 `expand`), the
+    # Binomial's come from its log_prob.
     def dists(t, x1=None, x2=None):
         if x1 is None:
-            return dist.Bernoulli(logits=t[0])
+            if parametrization == "logits":
+                return dist.Bernoulli(logits=t[0])
+            d = dist.Bernoulli(probs=jax.nn.sigmoid(t[0]))
+            return d.expand((1,)) if parametrization == "expanded" else d
         if x2 is None:
-            return dist.Categorical(logits=t[1:4] + t[4] * x1)
+            logits = t[1:4] + t[4] * jnp.sum(x1)
+            if parametrization == "logits":
+                return dist.Categorical(logits=logits)
+            return dist.Categorical(probs=jax.nn.softmax(logits))
         return dist.Binomial(3, logits=t[5] + t[6] * x2)
 
     def f(t, x1, x2, x3):
@@ -532,7 +541,7 @@ def test_enum_chain_of_three_dependent_sites_is_exact():
 
     @ppl.expectation
     def objective(t):
-        x1 = ppl.sample("x1", dists(t), estimator=ppl.enum())
+        x1 = jnp.sum(ppl.sample("x1", dists(t), estimator=ppl.enum()))
         x2 = ppl.sample("x2", dists(t, x1), estimator=ppl.enum())
         x3 = ppl.sample("x3", dists(t, x1, x2), estimator=ppl.enum())
         return f(t, *(v.astype(t.dtype) for v in (x1, x2, x3)))
