@@ -14,7 +14,13 @@ if str(ROOT) not in sys.path:  # `benchmarks` is not an installed package
 
 from benchmarks import count_eqns  # noqa: E402
 from benchmarks import vae_step as vae  # noqa: E402
-from benchmarks.enum_scaling import chain_objective, exact_value_and_grad, jaxpr_size, thetas  # noqa: E402
+from benchmarks.enum_scaling import (  # noqa: E402
+    chain_objective,
+    exact_value_and_grad,
+    hand_written_value_and_grad,
+    jaxpr_size,
+    thetas,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +43,9 @@ def test_enumerated_chain_is_exact():
     exact_value, exact_grad = exact_value_and_grad(thetas(n))
     np.testing.assert_allclose(value, exact_value, atol=1e-5)
     np.testing.assert_allclose(grad, exact_grad, atol=1e-5)
+    hand_value, hand_grad = hand_written_value_and_grad(n)(thetas(n))  # the compile-time reference
+    np.testing.assert_allclose(hand_value, exact_value, atol=1e-5)
+    np.testing.assert_allclose(hand_grad, exact_grad, atol=1e-5)
 
 
 def test_vae_gradient_matches_hand_written_with_same_noise():
