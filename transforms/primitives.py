@@ -59,7 +59,7 @@ def sample_site(address, distribution, estimator, observed=False):
     """Bind `sample_p` for one draw of `distribution` at `address` (a tuple of names);
     `observed=True` for an `Observed` distribution."""
     leaves, treedef = jax.tree_util.tree_flatten((distribution, estimator))
-    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    leaves = [_as_leaf(leaf) for leaf in leaves]
     draw = jax.eval_shape(lambda ls: jax.tree_util.tree_unflatten(treedef, ls)[0].sample(jax.random.key(0)), leaves)
     return sample_p.bind(
         *leaves,
@@ -71,6 +71,16 @@ def sample_site(address, distribution, estimator, observed=False):
         observed=observed,
         scale=1.0,
     )
+
+
+def _as_leaf(x):
+    """An operand of `sample_p`. Integers given as Python or numpy values stay numpy arrays, so
+    they stay concrete (`jnp.asarray` would stage them as tracers): a Binomial's `total_count`
+    fixes the support that enumeration needs to know."""
+    if isinstance(x, (int, np.integer)) or (isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.integer)):
+        x = np.asarray(x)
+        return x.astype(jax.dtypes.canonicalize_dtype(x.dtype))
+    return jnp.asarray(x)
 
 
 def _abstract_eval(*leaves, batch_shape, draw_shape, draw_dtype, **params):
@@ -90,8 +100,20 @@ def _outside_message(address):
 
 
 def _batch(axis_size, leaves, dims, *, batch_shape, **params):
-    leaves = [compat.move_batch_dim_to_front(x, d, axis_size) for x, d in zip(leaves, dims)]
+    leaves = [_batch_leaf(x, d, axis_size) for x, d in zip(leaves, dims)]
     return sample_p.bind(*leaves, batch_shape=(axis_size,) + batch_shape, **params), 0
+
+
+_FOLD_LIMIT = 1 << 16  # elements
+
+
+def _batch_leaf(x, dim, axis_size):
+    """A leaf with its batch dimension first. An unbatched, concrete integer leaf (see `_as_leaf`)
+    is broadcast with numpy so it stays concrete (a staged broadcast would be a tracer under `jit`)."""
+    if dim is None and not isinstance(x, jax.core.Tracer) and jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        if np.size(x) * axis_size <= _FOLD_LIMIT:
+            return np.broadcast_to(np.asarray(x), (axis_size,) + np.shape(x))
+    return compat.move_batch_dim_to_front(x, dim, axis_size)
 
 
 def contains_sample(jaxpr):

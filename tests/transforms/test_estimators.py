@@ -12,8 +12,8 @@ Negative controls: deliberately biased estimators, written through the public ex
 as a correct estimator, which passes, and fail it.
 
 REINFORCE refuses a Uniform whose bounds are differentiated (the support moves, so the score
-function misses boundary terms). Known failure, a strict xfail with its diagnosis: enum on a
-Binomial site under jax.vmap inside jax.jit (the broadcast total_count is no longer concrete).
+function misses boundary terms). Enumeration of a Binomial under jax.vmap inside jax.jit needs
+its total_count to stay concrete through the batching rule (`primitives._as_leaf`).
 """
 
 import dataclasses
@@ -494,22 +494,8 @@ def test_enum_scalar_site_is_exact(case):
     np.testing.assert_allclose(samples[0], exact, rtol=1e-5, atol=1e-6)
 
 
-BINOMIAL_UNDER_VMAP = pytest.mark.xfail(
-    strict=True,
-    raises=jax.errors.ConcretizationTypeError,
-    reason="bug in transforms: for a site under jax.vmap, primitives._batch broadcasts the unbatched "
-    "total_count leaf with a broadcast_in_dim equation, so under jax.jit it reaches Enum.rule as a tracer "
-    "and Binomial.enumerate_support's jnp.arange(total_count + 1) raises ConcretizationTypeError "
-    "(without jit it works; so does the plate dist.Binomial(n, p_vector))",
-)
 LAYOUTS = ["plate", "vmap"]
-ENUM_BATCHED = [
-    pytest.param(
-        c, layout, marks=BINOMIAL_UNDER_VMAP if (c is BINOMIAL and layout == "vmap") else (), id=f"{c.name}-{layout}"
-    )
-    for c in ENUM_CASES
-    for layout in LAYOUTS
-]
+ENUM_BATCHED = [pytest.param(c, layout, id=f"{c.name}-{layout}") for c in ENUM_CASES for layout in LAYOUTS]
 
 
 @pytest.mark.parametrize("case, layout", ENUM_BATCHED)
