@@ -23,6 +23,7 @@ Group `grad`, the ELBO and its gradient only (reference: hand):
 Group `step`, a full Adam step (gradient and update; reference: hand+optax):
 - ours ppl.svi: `ppl.svi(elbo, adam).step`, which also skips non-finite updates and computes the
   gradient norm.
+- ours ppl.svi, no check: `ppl.svi(elbo, adam, skip_nonfinite=False).step` (gradient norm only).
 - ours grad+optax (diagnostic): our gradient with the bare optax update hand+optax uses.
 - hand+optax: hand's gradient, `optimizer.update`, `optax.apply_updates`.
 - numpyro SVI.update: `SVI(model, guide, adam, Trace_ELBO()).update` (its key lives in its state).
@@ -201,11 +202,16 @@ def numpyro_key(key):
 
 OPTIMIZER = optax.adam(1e-3)
 OURS_SVI = ppl.svi(elbo, OPTIMIZER)
+OURS_SVI_UNCHECKED = ppl.svi(elbo, OPTIMIZER, skip_nonfinite=False)
 NUMPYRO_SVI = SVI(np_model, np_guide, OPTIMIZER, Trace_ELBO())
 
 
 def ours_svi_step(state, x, key):
     return OURS_SVI.step(key, state, x)
+
+
+def ours_svi_unchecked_step(state, x, key):
+    return OURS_SVI_UNCHECKED.step(key, state, x)
 
 
 def ours_loss_and_grad(params, x, key):
@@ -233,6 +239,7 @@ def first(params, x, key):
 # name -> (init(params, x, key) -> state, step(state, x, key)), per group; the first is the reference
 STEPS = {
     "ours ppl.svi": (lambda p, x, k: OURS_SVI.init(p), ours_svi_step),
+    "ours ppl.svi, no check": (lambda p, x, k: OURS_SVI_UNCHECKED.init(p), ours_svi_unchecked_step),
     "ours grad+optax": (optax_init, optax_step(ours_loss_and_grad, OPTIMIZER)),
     "hand+optax": (optax_init, optax_step(hand_loss_and_grad, OPTIMIZER)),
     "numpyro SVI.update": (lambda p, x, k: NUMPYRO_SVI.init(k, x, init_params=p), numpyro_svi_step),

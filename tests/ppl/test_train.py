@@ -209,6 +209,35 @@ def test_a_skipped_svi_step_leaves_the_state_unchanged():
         assert all(same) == was_skipped
 
 
+def test_without_the_check_every_update_is_applied():
+    vi = ppl.svi(nan_gradient_in_the_tail, optax.adam(0.1), skip_nonfinite=False)
+    state = vi.init({"loc": jnp.array(1.45)})
+    step = jax.jit(vi.step)
+    outcomes = [step(k, state, jnp.array(0.0)) for k in keys(20, seed=4)]
+    assert not any(bool(info["skipped"]) for _, info in outcomes)
+    nan_params = [bool(jnp.isnan(new.params["loc"])) for new, _ in outcomes]
+    assert any(nan_params) and not all(nan_params)  # the NaN gradients went in
+    # and fit runs exactly `steps` updates when they are not a multiple of the chunk size
+    params, losses = ppl.fit(
+        uphill,
+        {"loc": jnp.array(0.7)},
+        optimizer=optax.sgd(0.1),
+        steps=7,
+        key=jax.random.key(0),
+        chunk_size=3,
+        progress=False,
+        skip_nonfinite=False,
+    )
+    assert losses.shape == (7,)
+    np.testing.assert_allclose(params["loc"], 0.7 + 7 * 0.1, rtol=1e-6)
+
+
+@ppl.expectation
+def uphill(params):
+    """Gradient 1 everywhere: each SGD step adds the learning rate."""
+    return params["loc"]
+
+
 # -- minibatches ----------------------------------------------------------------------------------
 
 N = DATA.shape[0]
