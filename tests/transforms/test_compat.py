@@ -180,6 +180,10 @@ def test_is_elementwise_matches_evaluating_with_leading_axes():
     (eqn,) = jax.make_jaxpr(lambda x: lax.integer_pow(x, 3))(jnp.ones(2)).jaxpr.eqns
     x = jnp.arange(6.0).reshape(3, 2)
     np.testing.assert_allclose(compat.bind_eqn(eqn, [x])[0], x**3)
+    # rank-0 operands that vary over no world are left to the primitive, which broadcasts them
+    (eqn,) = jax.make_jaxpr(lambda a, b: a + b)(1.0, 2.0).jaxpr.eqns
+    out = jax.jit(lambda a, b: compat.bind_eqn(eqn, [a, b])[0])(jnp.float32(1.0), x)
+    np.testing.assert_allclose(out, x + 1.0)
 
 
 # -- the pinned version ------------------------------------------------------------------------------
