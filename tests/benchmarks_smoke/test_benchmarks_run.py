@@ -66,7 +66,7 @@ def test_vae_step_main_runs():
     rows = vae.main(
         ["--batches", "8", "--compile-reps", "0", "--loop-steps", "2", "--check-keys", "8", *FAST],
     )
-    groups = {"grad": 4, "step": 4, "loop (2 steps)": 4}
+    groups = {"grad": 4, "step": 5, "loop (2 steps)": 5}
     assert sorted({r["group"] for r in rows}) == sorted(groups)
     for group, n in groups.items():
         assert len([r for r in rows if r["group"] == group]) == n
