@@ -272,9 +272,8 @@ class Interpreter:
         value = Dual(values, None, ((axis, m),))
         primals, tangents = children.run(eqns, i + 1, {**env, eqn.outvars[0]: value}, state, k)
         p, dp = as_child(p), as_child(dp)
-        terms = [p * tangents if tangents is not None else None, dp * primals if dp is not None else None]
-        terms = [t for t in terms if t is not None]
-        tangent = jnp.sum(sum(terms), rank) if terms else None
+        tangent = _add(None if tangents is None else p * tangents, None if dp is None else dp * primals)
+        tangent = None if tangent is None else jnp.sum(tangent, rank)
         return jnp.sum(p * primals, rank), tangent
 
     def per_world_rule(self, eqns, i, eqn, duals, env, state, k):
@@ -383,6 +382,7 @@ class Interpreter:
             )
         consts, init, xs = duals[:nc], duals[nc : nc + nk], duals[nc + nk :]
         order = list(range(length))[::-1] if p["reverse"] else list(range(length))
+        body_eqns = live_eqns(body.jaxpr)
 
         def iteration(n, carry, ys, s, interp):
             if n == length:
@@ -398,7 +398,7 @@ class Interpreter:
                 outs = [interp2.read(benv, a) for a in body.jaxpr.outvars]
                 return iteration(n + 1, outs[:nk], {**ys, t: outs[nk:]}, s2, interp2)
 
-            return interp.run(live_eqns(body.jaxpr), 0, _bind(body.jaxpr, body.consts, consts + carry + x_t), s, back)
+            return interp.run(body_eqns, 0, _bind(body.jaxpr, body.consts, consts + carry + x_t), s, back)
 
         return iteration(0, init, {}, state, self)
 

@@ -46,21 +46,22 @@ def coordinate_params(d, names):
 def support_probs(d):
     """Probabilities of the values of `unwrap(d).enumerate_support(expand=False)`, in order (last
     axis), read off the parameters of a Bernoulli or Categorical (no log/exp round trip, which keeps
-    enumerated gradient programs small); None for other families.
+    enumerated gradient programs small); only for families where `has_support_probs(d)`.
 
         >>> support_probs(nd.Bernoulli(probs=0.25))        # [0.75, 0.25]
     """
-    base = unwrap(d)
-    if isinstance(base, (nd.BernoulliProbs, nd.BernoulliLogits)):
-        return jnp.stack([1.0 - base.probs, base.probs], -1)
-    if isinstance(base, (nd.CategoricalProbs, nd.CategoricalLogits)):
-        return base.probs
-    return None
+    return _SUPPORT_PROBS[family_name(d)](unwrap(d))
 
 
 def has_support_probs(d):
     """Whether `support_probs(d)` has a formula for `d`."""
-    return family_name(d) in ("bernoulli", "categorical")
+    return family_name(d) in _SUPPORT_PROBS
+
+
+_SUPPORT_PROBS = {
+    "bernoulli": lambda base: jnp.stack([1.0 - base.probs, base.probs], -1),
+    "categorical": lambda base: base.probs,
+}
 
 
 def family_name(d):

@@ -110,9 +110,9 @@ _FOLD_LIMIT = 1 << 16  # elements
 def _batch_leaf(x, dim, axis_size):
     """A leaf with its batch dimension first. An unbatched, concrete integer leaf (see `_as_leaf`)
     is broadcast with numpy so it stays concrete (a staged broadcast would be a tracer under `jit`)."""
-    if dim is None and not isinstance(x, jax.core.Tracer) and jnp.issubdtype(jnp.result_type(x), jnp.integer):
-        if np.size(x) * axis_size <= _FOLD_LIMIT:
-            return np.broadcast_to(np.asarray(x), (axis_size,) + np.shape(x))
+    if dim is None and isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.integer):
+        if x.size * axis_size <= _FOLD_LIMIT:
+            return np.broadcast_to(x, (axis_size,) + x.shape)
     return compat.move_batch_dim_to_front(x, dim, axis_size)
 
 
