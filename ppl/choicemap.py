@@ -40,6 +40,10 @@ jax.tree_util.register_pytree_with_keys(
 
 def flatten_choices(choices, prefix=()):
     """{address tuple: value} of a nested choice map."""
+    if isinstance(choices, Trace):
+        raise TypeError("expected a choice map (a dict), got a Trace: pass `trace.choices`")
+    if not isinstance(choices, dict):
+        raise TypeError(f"expected a choice map (a dict from names to values), got {type(choices).__name__}")
     flat = {}
     for name, value in dict(choices).items():
         if isinstance(value, dict):

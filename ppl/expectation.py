@@ -15,6 +15,7 @@ gradient of the expected value is estimated (see `transforms.adev`).
 """
 
 import jax
+import jax.numpy as jnp
 
 from ppl.choicemap import nest_choices
 from ppl.gen import GenerativeFunction, stage
@@ -78,9 +79,10 @@ class Expectation:
     def value_and_grad_estimate(self, key, *args, argnums=0):
         """(value, gradient) estimates sharing one draw; the gradient is unbiased for
         d/d args[argnums] E[objective]."""
+        nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+        _check_differentiable(args, nums)
         closed, flat = self.stage(*args)
         f = adev.estimator_fn(closed)
-        nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
         def of(diff):
             full = list(args)
@@ -97,6 +99,20 @@ class Expectation:
 
     def __call__(self, *args):
         return self.fn(*args)
+
+
+def _check_differentiable(args, nums):
+    """Raise unless every `args[i]`, i in `nums`, exists and has only floating-point leaves."""
+    for i in nums:
+        if not isinstance(i, int) or not -len(args) <= i < len(args):
+            raise ValueError(f"argnums={nums}: the objective was called with {len(args)} argument(s) after the key")
+        for path, leaf in jax.tree_util.tree_leaves_with_path(args[i]):
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+                where = f"args[{i}]{jax.tree_util.keystr(path)}"
+                raise TypeError(
+                    f"cannot differentiate with respect to {where} = {leaf!r}: differentiated arguments need "
+                    "floating-point leaves (write 0.0, not 0; pass integers and other constants in another argument)"
+                )
 
 
 def expectation(fn):

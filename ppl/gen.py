@@ -23,12 +23,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as nd
 from jax import lax
 
+from ppl import plates
 from ppl.choicemap import Trace, flatten_choices, nest_choices
-from transforms import gfi, interpreter
+from transforms import checks, gfi, interpreter
 from transforms.estimators import Estimator
-from transforms.primitives import Observed, sample_site
+from transforms.primitives import Observed, format_address, sample_site
 
 
 class GenerativeFunction:
@@ -77,7 +80,8 @@ def stage(fn, args, unique_addresses=True):
     """Stage `fn(*args)` to a ClosedJaxpr, checking that addresses are unique (an objective's
     sites need not be: it may draw from the same guide twice)."""
     flat = jax.tree_util.tree_leaves(args)
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    with numpyro.validation_enabled(False):  # the sites check parameters, naming their addresses
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     if unique_addresses:
         interpreter.check_unique_addresses(closed.jaxpr)
     return closed, flat, jax.tree_util.tree_structure(out_shape)
@@ -93,28 +97,49 @@ def sample(address, target, *args, estimator=None, obs=None):
     nested under `address`. `estimator` picks the site's gradient estimator (default: reparam
     where the distribution has one, otherwise REINFORCE). `obs=value` observes the site: it
     returns `value` and adds its log density to the program's (NumPyro's `obs=`)."""
-    if not isinstance(address, str):
-        raise TypeError(f"an address is a string, got {address!r}")
+    _check_name(address)
     if isinstance(target, GenerativeFunction):
         if estimator is not None:
             raise TypeError(f"estimator= applies to a distribution, not to the generative function at '{address}'")
         return _call_at((address,), target, args)
     if args:
         raise TypeError(f"ppl.sample('{address}', distribution) takes no further positional arguments")
+    if not isinstance(target, nd.Distribution):
+        raise TypeError(
+            f"ppl.sample('{address}', ...) takes a NumPyro distribution or a generative function, got {target!r}"
+        )
+    target, scale_by = plates.broadcast(address, target)
     if obs is not None:
         if estimator is not None:
             raise TypeError(f"the observed site '{address}' has no gradient estimator")
+        obs = gfi.as_value(obs, (address,))
         if jnp.shape(obs) != target.shape():
             raise ValueError(
                 f"observation shape mismatch at address '{address}': the distribution has shape "
                 f"{target.shape()}, the observation {jnp.shape(obs)}"
             )
-        return sample_site((address,), Observed(target, obs), None, observed=True)
+        checks.check_given(address, target, obs)
+        return sample_site((address,), Observed(target, obs), None, observed=True, scale=scale_by)
     if estimator is not None:
-        if not isinstance(estimator, Estimator):
-            raise TypeError(f"estimator at '{address}' must be an estimator such as ppl.reparam(), got {estimator!r}")
+        _check_estimator(address, estimator)
         estimator.check(target, (address,))
-    return sample_site((address,), target, estimator)
+    return sample_site((address,), target, estimator, scale=scale_by)
+
+
+def _check_name(address):
+    """An address is a string without '/' (which separates the names of nested addresses)."""
+    if not isinstance(address, str):
+        raise TypeError(f"an address is a string, got {address!r}")
+    if "/" in address:
+        raise ValueError(
+            f"address '{address}' contains '/', which separates nested addresses in messages and "
+            "could collide with a nested call's sites; use another name (e.g. with '_' or '.')"
+        )
+
+
+def _check_estimator(address, estimator):
+    if not isinstance(estimator, Estimator):
+        raise TypeError(f"estimator at '{address}' must be an estimator such as ppl.reparam(), got {estimator!r}")
 
 
 def _call_at(prefix, gen_fn, args):
@@ -131,6 +156,9 @@ def with_estimators(gen_fn, estimators):
             overrides.update({(address,) + a: e for a, e in flatten_choices(estimator).items()})
         else:
             overrides[address if isinstance(address, tuple) else (address,)] = estimator
+    for address, estimator in overrides.items():
+        if estimator is not None:
+            _check_estimator(format_address(address), estimator)
 
     def fn(*args):
         closed, flat, out_tree = gen_fn.stage(*args)
@@ -150,17 +178,52 @@ def scale(gen_fn, factor):
     return GenerativeFunction(functools.wraps(gen_fn.fn)(fn))
 
 
-def plate(gen_fn, size=None, subsample_size=None, in_axes=0):
+def plate(gen_fn=None, size=None, subsample_size=None, in_axes=0, *, dim=None):
     """Map `gen_fn` over the leading axis of its arguments (one independent call per datum). With
     `subsample_size`, the arguments are a minibatch of a data set of `size` points, and every
     log density is scaled by size / subsample_size, so a minibatch objective is unbiased for the
-    full-data one."""
+    full-data one. The mapped axis must have `subsample_size` (else `size`, when given) elements.
+
+    `ppl.plate("data", N)` (a name first) is NumPyro's context manager instead: see `ppl.plates`.
+
+        per_datum = ppl.plate(likelihood, size=N, subsample_size=B)   # per_datum(x_batch) ...
+        with ppl.plate("data", N):
+            ppl.sample("y", dist.Normal(mu, 1.0), obs=y)
+    """
+    if isinstance(gen_fn, str):
+        return plates.plate_context(gen_fn, size, subsample_size, dim)
+    if not isinstance(gen_fn, GenerativeFunction):
+        raise TypeError(
+            "ppl.plate takes a generative function, ppl.plate(gen_fn, size=N), or a name for NumPyro's "
+            f"context manager, `with ppl.plate('data', N):`; got {gen_fn!r}"
+        )
+    plates.check_sizes(None, size, subsample_size)
+    expected = subsample_size if subsample_size is not None else size
     mapped = vmap(gen_fn, in_axes=in_axes)
-    if subsample_size is None:
-        return mapped
-    if size is None:
-        raise ValueError("plate with subsample_size needs the full data set's size")
-    return scale(mapped, size / subsample_size)
+
+    def fn(*args):
+        found = _mapped_size(args, in_axes)
+        if expected is not None and found is not None and found != expected:
+            what = "subsample_size" if subsample_size is not None else "size"
+            raise ValueError(
+                f"plate over {gen_fn!r}: the mapped arguments have {found} elements along the mapped axis, "
+                f"but {what}={expected}"
+            )
+        return mapped.fn(*args)
+
+    fn = GenerativeFunction(functools.wraps(gen_fn.fn)(fn))
+    return fn if subsample_size is None else scale(fn, size / subsample_size)
+
+
+def _mapped_size(args, in_axes):
+    """The length of the mapped axis of `args` under `in_axes` (an int, or one int/None per
+    argument), or None when no argument is mapped or the axes are given as pytrees."""
+    axes = [in_axes] * len(args) if isinstance(in_axes, int) else list(in_axes)
+    for arg, axis in zip(args, axes):
+        if isinstance(axis, int):
+            for leaf in jax.tree.leaves(arg):
+                return jnp.shape(leaf)[axis]
+    return None
 
 
 def vmap(gen_fn, in_axes=0, axis_size=None):

@@ -4,30 +4,51 @@ Objectives are *maximized* (an ELBO, a bound on log p(x)); the loss reported is 
 
     vi = ppl.svi(objective, optax.adam(1e-2))
     state = vi.init(params)
-    state, info = vi.step(key, state, x)          # info: loss, grad_norm, skipped
+    state, info = vi.step(key, state, x)          # info: loss, grad_norm, nonfinite, skipped
 
-    params, history = ppl.fit(objective, params, x, optimizer=optax.adam(1e-2), steps=2000, key=key)
+    params, losses = ppl.fit(objective, params, x, optimizer=optax.adam(1e-2), steps=2000, key=key)
+
+    state, losses = ppl.fit(objective, params, x, ..., steps=1000, key=key, return_state=True)
+    state, more = ppl.fit(objective, state, x, ..., steps=1000, key=key, return_state=True)
+    # the same parameters, bit for bit, as one fit of 2000 steps
 
 `fit` runs chunks of steps in a `lax.fori_loop` inside one `jax.jit` (so Python does no per-step
 work), compiles once per objective/optimizer/shape (a second `fit` with the same shapes reuses the
-compiled chunk), prints a progress bar with the running loss, and skips non-finite updates,
+compiled chunk), shows a `tqdm` progress bar with the running loss, and skips non-finite updates,
 counting them (`skip_nonfinite=False` turns the check off). With `batch_size`, each step sees
 a random minibatch of the leading axis of the data arguments; objectives scale their per-datum
 terms with `ppl.plate(..., subsample_size=...)` or by hand, so the minibatch gradient is unbiased
 for the full-data one.
+
+Parameters are any pytree: dicts, `ppl.constrained` nodes, Equinox modules. The trained leaves are
+the floating-point arrays (jax or numpy) and Python floats; every other leaf (an activation
+function, an int, an int array, a string) is kept as it is and closed over, as Equinox's
+`partition`/`combine` do, so `params` may be an `eqx.nn.MLP`. Unlike `eqx.is_inexact_array`,
+Python floats are trained (`{"loc": 0.0}` trains), so a float hyperparameter inside a module
+(`eqx.nn.Dropout`'s `p`) is trained too: keep such a module out of `params`.
 """
 
 import functools
-import sys
+import operator
 import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.tree_util import keystr, tree_flatten_with_path
+from tqdm.auto import tqdm
+
+from ppl.expectation import Expectation
+from ppl.gen import GenerativeFunction
 
 
 class SVIState(NamedTuple):
+    """`params`: the whole parameter pytree (static leaves included); `opt_state`: the optimizer's
+    state for its trained leaves; `step`: the number of steps taken (int32), skipped ones included.
+    `fit(..., return_state=True)` returns one and accepts it in place of `params`."""
+
     params: Any
     opt_state: Any
     step: Any
@@ -40,67 +61,248 @@ class SVI(NamedTuple):
     step: Any
 
 
+# -- which leaves are trained ---------------------------------------------------------------------
+
+
+def _is_array(leaf):
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def _is_trained(leaf):
+    """Floating-point (or complex) arrays and Python floats: `_is_trained(jnp.ones(2))` and
+    `_is_trained(0.5)` hold; `_is_trained(jnp.arange(2))`, `_is_trained(3)` and
+    `_is_trained(jax.nn.relu)` do not."""
+    if isinstance(leaf, (float, complex)):
+        return True
+    return _is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+def _partition(tree, predicate):
+    """Equinox's `partition`: (the leaves where `predicate` holds, the others), each a tree of
+    `tree`'s structure with `None` in place of the other half's leaves.
+
+        _partition({"w": jnp.ones(2), "f": jnp.tanh}, _is_trained) == ({"w": w, "f": None}, {"w": None, "f": jnp.tanh})
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    picked = [leaf if predicate(leaf) else None for leaf in leaves]
+    others = [None if predicate(leaf) else leaf for leaf in leaves]
+    return treedef.unflatten(picked), treedef.unflatten(others)
+
+
+def _combine(picked, others):
+    """Equinox's `combine`, the inverse of `_partition`: `_combine(*_partition(tree, p)) == tree`."""
+    return jax.tree.map(lambda a, b: b if a is None else a, picked, others, is_leaf=lambda x: x is None)
+
+
+def _strong(tree):
+    """The array and Python-float leaves as jax arrays without weak types (so the compiled loop
+    sees one input type); other leaves unchanged."""
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)) if _is_array(x) or _is_trained(x) else x, tree)
+
+
+class _Static(NamedTuple):
+    """The non-array leaves of a tree and its structure: hashable, a key of the compiled chunk.
+    `arrays, static = _Static.split(tree)`; `static.combine(arrays) == tree`."""
+
+    treedef: Any
+    leaves: tuple
+
+    @staticmethod
+    def split(tree):
+        arrays, others = _partition(tree, _is_array)
+        leaves, treedef = jax.tree.flatten(others)
+        return arrays, _Static(treedef, tuple(leaves))
+
+    def combine(self, arrays):
+        return _combine(arrays, self.treedef.unflatten(self.leaves))
+
+
+# -- argument checks ------------------------------------------------------------------------------
+
+
+def _describe(value):
+    return f"{type(value).__name__} {getattr(value, '__name__', repr(value))}"
+
+
+def _check_objective(objective):
+    if hasattr(objective, "value_and_grad_estimate"):
+        return
+    if isinstance(objective, GenerativeFunction):
+        hint = (
+            "a generative function is a model or a guide; train an objective built from it, decorated "
+            "with @ppl.expectation, e.g. ppl.objectives.elbo(model, guide)"
+        )
+    else:
+        hint = "decorate it with @ppl.expectation (a function of (params, *args) returning a scalar to maximize)"
+    raise TypeError(f"objective must be an @ppl.expectation, got {_describe(objective)}: {hint}")
+
+
+def _check_optimizer(optimizer):
+    if isinstance(optimizer, optax.GradientTransformation):
+        return
+    if isinstance(optimizer, (int, float)):
+        hint = f"a learning rate is not an optimizer; write optimizer=optax.adam({optimizer!r})"
+    elif callable(optimizer):
+        hint = "call it to build the optimizer, e.g. optimizer=optax.adam(1e-2)"
+    else:
+        hint = "e.g. optimizer=optax.adam(1e-2)"
+    raise TypeError(f"optimizer must be an optax GradientTransformation, got {_describe(optimizer)}: {hint}")
+
+
+def _count(name, value, minimum, meaning):
+    """`value` as an int >= minimum, or a TypeError/ValueError naming `name`."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int ({meaning}), got {_describe(value)}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum} ({meaning}), got {name}={value}")
+    return value
+
+
+def _check_params(params):
+    """Raise on Python ints in `params`: they are not trained, and are almost always a float
+    written without its point (`{"loc": 0}`); integer arrays are taken as deliberate constants."""
+    for path, leaf in tree_flatten_with_path(params)[0]:
+        if isinstance(leaf, int) and not isinstance(leaf, bool):
+            raise TypeError(
+                f"params{keystr(path)} = {leaf!r} is a Python int, which is not trained: write {float(leaf)!r} "
+                "to train it, or pass constants to the objective in another argument"
+            )
+
+
+def _check_batch(args, data_argnums, batch_size):
+    """Raise unless every data argument's leaves share a leading axis of at least `batch_size`."""
+    if not data_argnums:
+        raise ValueError(
+            f"batch_size={batch_size} needs data to minibatch: pass it after params, fit(objective, params, x, ...)"
+        )
+    if any(not 0 <= i < len(args) for i in data_argnums):
+        raise ValueError(f"data_argnums={data_argnums} are positions in the {len(args)} argument(s) after params")
+    sizes = {}
+    for i in data_argnums:
+        for path, leaf in tree_flatten_with_path(args[i])[0]:
+            name = f"args[{i}]{keystr(path)}"
+            if not np.shape(leaf):
+                raise ValueError(
+                    f"with batch_size, {name} has no leading axis to minibatch; list only the per-datum "
+                    "arguments in data_argnums (positions in the arguments after params)"
+                )
+            sizes[name] = np.shape(leaf)[0]
+    n, *others = set(sizes.values())
+    if others:
+        found = ", ".join(f"{name} has {size}" for name, size in sizes.items())
+        raise ValueError(
+            f"with batch_size, the data arguments must share their leading axis (one entry per datum): {found}; "
+            "list only the per-datum arguments in data_argnums"
+        )
+    if batch_size > n:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the data ({n} along the leading axis): "
+            f"use batch_size <= {n}, or batch_size=None for full batches"
+        )
+
+
+# -- the step -------------------------------------------------------------------------------------
+
+
 def svi(objective, optimizer, skip_nonfinite=True):
     """The (init, step) pair that maximizes `objective(params, *args)` with an optax optimizer.
 
-    With `skip_nonfinite`, a step whose loss or gradient is not finite leaves the parameters and
-    optimizer state unchanged (`info["skipped"]`). The check runs the update under a `lax.cond`,
-    which costs time on small models (`benchmarks/RESULTS.md`); `skip_nonfinite=False` applies
-    every update, as optax and NumPyro's `SVI.update` do."""
+        vi = ppl.svi(elbo, optax.adam(1e-2))
+        state, info = jax.jit(vi.step)(key, vi.init(params), x)
+
+    `objective`: an `@ppl.expectation`, or any object with its `value_and_grad_estimate(key,
+    params, *args)` (then every leaf of `params` must be a trained one). Only the trained leaves
+    of `params` (floating-point arrays and Python floats) are differentiated and optimized; the
+    others pass through unchanged (under `jax.jit`, a module with function leaves needs
+    `eqx.filter_jit`; `fit` handles it).
+
+    `info["nonfinite"]`: whether the step's loss or gradient is not finite. With `skip_nonfinite`,
+    such a step leaves the parameters and optimizer state unchanged (`info["skipped"]`; the step
+    counter still advances). The check runs the update under a `lax.cond`, which costs time on
+    small models (`benchmarks/RESULTS.md`); `skip_nonfinite=False` applies every update, as optax
+    and NumPyro's `SVI.update` do."""
+    _check_objective(objective)
+    _check_optimizer(optimizer)
 
     def init(params):
-        return SVIState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+        _check_params(params)
+        trained, _ = _partition(params, _is_trained)
+        return SVIState(params, optimizer.init(trained), jnp.zeros((), jnp.int32))
 
     def step(key, state, *args):
-        value, grads = objective.value_and_grad_estimate(key, state.params, *args)
+        trained, frozen = _partition(state.params, _is_trained)
+        value, grads = _value_and_grad(objective, frozen)(key, trained, *args)
         grads = jax.tree.map(jnp.negative, grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
 
-        def update(state):
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            return SVIState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+        def update(trained, opt_state):
+            updates, opt_state = optimizer.update(grads, opt_state, trained)
+            return optax.apply_updates(trained, updates), opt_state
 
-        if not skip_nonfinite:
-            return update(state), {"loss": -value, "grad_norm": grad_norm, "skipped": jnp.zeros((), bool)}
-        # a cond, not a select per leaf: selects would keep XLA from fusing the optimizer update
-        new_state = jax.lax.cond(finite, update, lambda state: state._replace(step=state.step + 1), state)
-        return new_state, {"loss": -value, "grad_norm": grad_norm, "skipped": ~finite}
+        if skip_nonfinite:
+            # a cond, not a select per leaf: selects would keep XLA from fusing the optimizer update
+            trained, opt_state = jax.lax.cond(finite, update, lambda *kept: kept, trained, state.opt_state)
+        else:
+            trained, opt_state = update(trained, state.opt_state)
+        skipped = ~finite if skip_nonfinite else jnp.zeros((), bool)
+        new_state = SVIState(_combine(trained, frozen), opt_state, state.step + 1)
+        return new_state, {"loss": -value, "grad_norm": grad_norm, "nonfinite": ~finite, "skipped": skipped}
 
     return SVI(init, step)
 
 
+def _value_and_grad(objective, frozen):
+    """`(key, trained, *args) -> (value, d value / d trained)` for `objective(combine(trained,
+    frozen), *args)`: the static leaves are closed over, so only arrays are staged."""
+    if isinstance(objective, Expectation):
+        return Expectation(lambda trained, *args: objective(_combine(trained, frozen), *args)).value_and_grad_estimate
+    if jax.tree.leaves(frozen):
+        raise TypeError(
+            f"params has leaves that are not floating-point arrays ({_describe(objective)} cannot leave them "
+            "out of its gradient); train it with an @ppl.expectation objective, or keep such leaves out of params"
+        )
+    return objective.value_and_grad_estimate
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
 @functools.lru_cache(maxsize=64)
-def _compiled_chunk(objective, optimizer, length, batch_size, skip_nonfinite):
+def _compiled_chunk(objective, optimizer, length, batch_size, data_argnums, skip_nonfinite, static):
     """One jitted function running `steps <= length` steps (a traced count, so the last, partial
-    chunk reuses the same compiled code) in a `lax.fori_loop`; returns the state and each step's
-    loss and skipped flag in arrays of `length` (entries past `steps` are padding)."""
+    chunk reuses the same compiled code) in a `lax.fori_loop` on the array leaves of an `SVIState`
+    (`static` holds the others); returns them and each step's loss and non-finite flag in arrays of
+    `length` (entries past `steps` are padding). Step `t` of a run (`state.step == t`) draws from
+    `fold_in(key, t)`, so the draws depend on neither the chunking nor where a run was resumed."""
     vi = svi(objective, optimizer, skip_nonfinite)
 
-    def chunk(state, key, steps, data, rest):
-        keys = jax.random.split(key, length)
-
+    def chunk(arrays, key, steps, args):
         def one(i, carry):
-            state, losses, skipped = carry
-            key, batch_key = jax.random.split(keys[i])
-            args = data
-            if batch_size is not None:
-                n = jax.tree.leaves(data)[0].shape[0]
-                idx = jax.random.choice(batch_key, n, (batch_size,), replace=False)
-                args = jax.tree.map(lambda a: a[idx], data)
-            state, info = vi.step(key, state, *args, *rest)
-            return state, losses.at[i].set(info["loss"]), skipped.at[i].set(info["skipped"])
+            arrays, losses, nonfinite = carry
+            state = static.combine(arrays)
+            step_key, batch_key = jax.random.split(jax.random.fold_in(key, state.step))
+            state, info = vi.step(step_key, state, *_minibatch(batch_key, args, data_argnums, batch_size))
+            arrays, _ = _Static.split(state)
+            return arrays, losses.at[i].set(info["loss"]), nonfinite.at[i].set(info["nonfinite"])
 
-        init = (state, jnp.full(length, jnp.nan, jnp.result_type(float)), jnp.zeros(length, bool))
-        state, losses, skipped = jax.lax.fori_loop(0, steps, one, init)
-        return state, {"loss": losses, "skipped": skipped}
+        init = (arrays, jnp.full(length, jnp.nan, jnp.result_type(float)), jnp.zeros(length, bool))
+        arrays, losses, nonfinite = jax.lax.fori_loop(0, steps, one, init)
+        return arrays, {"loss": losses, "nonfinite": nonfinite}
 
-    return vi, jax.jit(chunk)
+    return jax.jit(chunk)
 
 
-def _strong(tree):
-    """The same values without weak types (so the compiled loop sees one input type)."""
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), tree)
+def _minibatch(key, args, data_argnums, batch_size):
+    """`args` with the data arguments (positions `data_argnums`) restricted to `batch_size`
+    entries of their leading axis, drawn without replacement; `args` itself without `batch_size`."""
+    if batch_size is None:
+        return args
+    n = jax.tree.leaves(args[data_argnums[0]])[0].shape[0]
+    idx = jax.random.choice(key, n, (batch_size,), replace=False)
+    return tuple(jax.tree.map(lambda a: a[idx], arg) if i in data_argnums else arg for i, arg in enumerate(args))
 
 
 def fit(
@@ -115,37 +317,100 @@ def fit(
     chunk_size=100,
     progress=True,
     skip_nonfinite=True,
+    return_state=False,
 ):
-    """Maximize `objective(params, *args)`; returns (params, losses) with one loss per step.
+    """Maximize `objective(params, *args)` for `steps` steps; returns `(params, losses)`, or with
+    `return_state`, `(state, losses)` where `state` is the `SVIState` (params, optimizer state,
+    step counter) to continue from.
 
-    `batch_size`: minibatch the leading axis of the arguments listed in `data_argnums`
-    (positions in `args`; default: all of them). `skip_nonfinite`: as in `svi`."""
+        params, losses = ppl.fit(elbo, params, x, optimizer=optax.adam(1e-2), steps=2000, key=key)
+
+    `params`: a pytree (dict, `ppl.constrained` nodes, an Equinox module; see the module
+    docstring for which leaves are trained), or an `SVIState` from an earlier `fit(...,
+    return_state=True)` to resume that run, optimizer state and step counter included. With the
+    same `key` (and objective, optimizer, data, `batch_size`), fit(N steps) then fit(M steps) from
+    its state gives bit-identical parameters to one fit of N + M steps, wherever N falls: step t
+    draws from `jax.random.fold_in(key, t)` (also independently of `chunk_size`).
+
+    `losses`: one entry per step of this call, the negated objective estimated at that step
+    (before its update), whether or not the update was applied; a step skipped for a non-finite
+    loss has NaN or inf there (so `~jnp.isfinite(losses)` marks the steps skipped for their loss),
+    one skipped for a non-finite gradient keeps its finite loss. A warning reports how many steps
+    were skipped; another, which trained leaves of the final parameters are not finite, if any (as
+    with `skip_nonfinite=False` once a gradient is NaN), and how many steps had a non-finite loss
+    or gradient.
+
+    `batch_size`: minibatch the leading axis of the arguments listed in `data_argnums` (positions
+    in `args`; default: all of them); they must share that axis, of length >= `batch_size`.
+    `chunk_size`: steps per compiled call (one progress-bar update each). `progress`: show a
+    `tqdm.auto` bar (also in Jupyter), one update per chunk, with the mean loss over the last
+    chunk's applied steps and the running count of skipped steps once there are any; `False`
+    prints nothing. `skip_nonfinite`: as in `svi`."""
+    _check_objective(objective)
+    _check_optimizer(optimizer)
+    steps = _count("steps", steps, 0, "the number of optimizer steps")
+    chunk_size = _count("chunk_size", chunk_size, 1, "steps per compiled call")
     data_argnums = tuple(range(len(args))) if data_argnums is None else tuple(data_argnums)
-    data = tuple(args[i] for i in data_argnums)
-    rest = tuple(a for i, a in enumerate(args) if i not in data_argnums)
-    if batch_size is not None and data_argnums != tuple(range(len(data_argnums))):
-        raise ValueError("with batch_size, the objective's data arguments must come first")
-    length = min(chunk_size, steps)
-    vi, run = _compiled_chunk(objective, optimizer, length, batch_size, skip_nonfinite)
-    state = _strong(vi.init(params))
-    losses, skipped, done = [], 0, 0
-    while done < steps:
-        key, sub = jax.random.split(key)
-        n = min(length, steps - done)
-        state, info = run(state, sub, n, data, rest)
-        losses.append(info["loss"][:n])
-        skipped += int(jnp.sum(info["skipped"][:n]))
-        done += n
-        if progress:
-            _progress(done, steps, float(jnp.mean(info["loss"][:n])))
-    if progress:
-        print(file=sys.stderr)
-    if skipped:
-        warnings.warn(f"fit skipped {skipped} of {steps} steps whose gradient or loss was not finite", stacklevel=2)
-    return state.params, jnp.concatenate(losses)
+    if batch_size is not None:
+        batch_size = _count("batch_size", batch_size, 1, "the minibatch size; batch_size=None uses all the data")
+        _check_batch(args, data_argnums, batch_size)
+    state = params if isinstance(params, SVIState) else svi(objective, optimizer, skip_nonfinite).init(params)
+    arrays, static = _Static.split(_strong(state))
+    losses, nonfinite = [np.zeros(0, jnp.result_type(float))], [np.zeros(0, bool)]
+    if steps:
+        length = min(chunk_size, steps)
+        run = _compiled_chunk(objective, optimizer, length, batch_size, data_argnums, skip_nonfinite, static)
+        with tqdm(total=steps, disable=not progress, unit="step") as bar:
+            postfix = {}
+            for done in range(0, steps, length):
+                n = min(length, steps - done)
+                arrays, info = run(arrays, key, n, args)
+                losses.append(np.asarray(info["loss"][:n]))
+                nonfinite.append(np.asarray(info["nonfinite"][:n]))
+                _show(bar, postfix, losses[-1], nonfinite[-1], skip_nonfinite)
+    state = static.combine(arrays)
+    _warn_nonfinite(state.params, np.concatenate(nonfinite), skip_nonfinite)
+    return (state if return_state else state.params), jnp.asarray(np.concatenate(losses))
 
 
-def _progress(done, total, loss, width=30):
-    filled = int(width * done / total)
-    bar = "#" * filled + "-" * (width - filled)
-    print(f"\r[{bar}] {done}/{total}  loss {loss:.4f}", end="", file=sys.stderr, flush=True)
+def _show(bar, postfix, losses, nonfinite, skip_nonfinite):
+    """Advance `bar` by one chunk. `postfix`, kept across chunks: `loss`, the mean over the
+    chunk's applied steps (kept from the last chunk that had some), and once there are any, the
+    running count of `skipped` steps (without the check: of `nonfinite` ones, all applied)."""
+    applied = losses[~nonfinite] if skip_nonfinite else losses
+    if applied.size:
+        postfix["loss"] = f"{applied.mean():.4g}"
+    if nonfinite.any():
+        label = "skipped" if skip_nonfinite else "nonfinite"
+        postfix[label] = postfix.get(label, 0) + int(nonfinite.sum())
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(losses.size)
+
+
+def _warn_nonfinite(params, nonfinite, skip_nonfinite):
+    """`fit`'s warnings: how many steps were skipped; which trained leaves of the final
+    parameters are not finite, with how many steps had a non-finite loss or gradient."""
+    steps, count = nonfinite.size, int(nonfinite.sum())
+    if skip_nonfinite and count:
+        warnings.warn(f"fit skipped {count} of {steps} steps whose gradient or loss was not finite", stacklevel=3)
+    bad = _nonfinite_leaves(params)
+    if bad:
+        first = f" (the first: losses[{np.argmax(nonfinite)}])" if count else ""
+        hint = (
+            "the initial parameters may not have been finite"
+            if skip_nonfinite
+            else "skip_nonfinite=True (the default) skips such updates; a smaller learning rate may avoid them"
+        )
+        warnings.warn(
+            f"fit ended with non-finite parameters at {', '.join(bad)}; {count} of {steps} steps had a "
+            f"non-finite loss or gradient{first}: {hint}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _nonfinite_leaves(params):
+    """The paths (`jax.tree_util.keystr`) of the trained leaves holding a NaN or an infinity."""
+    leaves = [(path, leaf) for path, leaf in tree_flatten_with_path(params)[0] if _is_trained(leaf)]
+    finite = jax.device_get([jnp.all(jnp.isfinite(leaf)) for _, leaf in leaves])
+    return [keystr(path) for (path, _), ok in zip(leaves, finite) if not ok]

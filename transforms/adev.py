@@ -34,7 +34,7 @@ from jax import lax
 
 from transforms import compat, estimators
 from transforms.interpreter import live_eqns, site_avals, unsupported
-from transforms.primitives import Site, eqn_contains_sample, format_address, sample_p
+from transforms.primitives import Site, eqn_contains_sample, format_address, sample_p, typed_key
 
 
 @jax.tree_util.register_dataclass
@@ -600,7 +600,7 @@ def finish(out_var):
 def dual_estimate(closed, key, args, tangents):
     """(value, tangent) of one unbiased estimate of the program's expectation and its derivative
     along `tangents` (a list aligned with `args`, None where there is no tangent)."""
-    jaxpr = closed.jaxpr
+    jaxpr, key = closed.jaxpr, typed_key(key)
     env = _bind(jaxpr, closed.consts, [Dual(a, t) for a, t in zip(args, tangents)])
     dtype = jaxpr.outvars[0].aval.dtype
     zero = jnp.zeros((), dtype) if any(t is not None for t in tangents) else None

@@ -75,6 +75,15 @@ def register_lowering_error(primitive, message):
     mlir.register_lowering(primitive, lowering)
 
 
+def register_jvp_error(primitive, message):
+    """Make differentiating through `primitive` with `jax.jvp`/`jax.grad` raise `message`."""
+
+    def jvp(primals, tangents, **params):
+        raise TypeError(message(params))
+
+    ad.primitive_jvps[primitive] = jvp
+
+
 def bind_eqn(eqn, invals):
     """Evaluate one jaxpr equation on `invals` under the current trace; returns a list."""
     params = eqn.primitive.get_bind_params(eqn.params)
@@ -113,6 +122,11 @@ def zero_tangent(x):
     if jax.numpy.issubdtype(dtype, jax.numpy.inexact):
         return jax.numpy.zeros(np.shape(x), dtype)
     return np.zeros(np.shape(x), jax.dtypes.float0)
+
+
+def is_concrete(x):
+    """Whether `x` is a value known now (not a tracer of `jit`, `vmap`, `grad`, ...)."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x))
 
 
 def has_tangent_space(x):

@@ -18,8 +18,8 @@ sites, so the enclosing transformation (ADEV) chooses how to sample and differen
 import jax
 import jax.numpy as jnp
 
-from transforms import interpreter
-from transforms.primitives import format_address, sample_p
+from transforms import checks, interpreter
+from transforms.primitives import format_address, sample_p, typed_key
 
 
 def _score_zero():
@@ -31,6 +31,7 @@ def _conform(site, value):
     Python int at a Normal site becomes a float); a float value at an integer site stays a float
     (truncating 0.5 to 0 would silently change the density)."""
     value = jnp.asarray(value)
+    checks.check_not_complex(site.name, value)
     if jnp.shape(value) != site.value_shape:
         raise ValueError(
             f"shape mismatch at address '{site.name}': the model draws shape {site.value_shape} "
@@ -42,7 +43,18 @@ def _conform(site, value):
 
 
 def _as_arrays(choices):
-    return {address: jnp.asarray(value) for address, value in choices.items()}
+    return {address: as_value(value, address) for address, value in choices.items()}
+
+
+def as_value(value, address):
+    """`value` (an array, a number or a nested list of numbers) as a JAX array; anything else
+    raises a TypeError naming the address."""
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"the value at address '{format_address(address)}' must be an array or a number, got {type(value).__name__}"
+        ) from e
 
 
 class _Simulate:
@@ -50,13 +62,13 @@ class _Simulate:
         key, score = carry
         key, sub = jax.random.split(key)
         value = site.sample(sub)
-        return value, (key, score + site.log_prob(value)), value
+        return value, (key, score + site.log_prob(value, given=site.observed)), value
 
 
 class _StagedSimulate:
     def site(self, site, score, read):
         value = sample_p.bind(*site.leaves, **site.params)
-        return value, score + site.log_prob(value), value
+        return value, score + site.log_prob(value, given=site.observed), value
 
 
 class _StagedGenerate:
@@ -72,7 +84,7 @@ class _StagedGenerate:
             return value, weight, value
         read = _conform(site, read)
         if self.weigh is None or site.address in self.weigh:
-            weight = weight + site.log_prob(read)
+            weight = weight + site.log_prob(read, given=True)
         return read, weight, None
 
 
@@ -87,7 +99,7 @@ class _Assess:
         if read is None:
             raise KeyError(f"no value for address '{site.name}': assess/density needs a choice for every site")
         read = _conform(site, read)
-        lp = site.log_prob(read)
+        lp = site.log_prob(read, given=True)
         return read, score + lp, lp if self.record else None
 
 
@@ -99,7 +111,7 @@ class _Generate:
             value = site.sample(sub)
             return value, (key, score + site.log_prob(value), weight), value
         read = _conform(site, read)
-        lp = site.log_prob(read)
+        lp = site.log_prob(read, given=True)
         return read, (key, score + lp, weight + lp), read
 
 
@@ -129,12 +141,16 @@ def check_known(closed, choices, what):
     for address in choices:
         if address not in known:
             listed = ", ".join(sorted(map(format_address, known))) or "none"
+            hint = ""
+            if any("/" in str(name) for name in address):
+                hint = "; nested addresses are nested dicts, e.g. {'enc': {'h': value}}, not 'enc/h' keys"
             raise KeyError(
-                f"unknown address '{format_address(address)}' in {what}; the program's addresses are: {listed}"
+                f"unknown address '{format_address(address)}' in {what}; the program's addresses are: {listed}{hint}"
             )
 
 
 def simulate(closed, args, key):
+    key = typed_key(key)
     outs, (_, score), choices = interpreter.run(
         closed.jaxpr, closed.consts, args, _Simulate(), (key, _score_zero()), {}
     )
@@ -170,6 +186,7 @@ def site_scores(closed, args, choices):
 
 
 def generate(closed, args, key, constraints):
+    key = typed_key(key)
     check_known(closed, constraints, "the constraints")
     zero = _score_zero()
     outs, (_, score, weight), choices = interpreter.run(

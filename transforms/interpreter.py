@@ -71,6 +71,7 @@ def check_unique_addresses(jaxpr):
                     s = set()
                     visit(br.jaxpr, s)
                     branch_sets.append(s)
+                _check_branch_avals(eqn.params["branches"])
                 for address in set().union(*branch_sets):
                     _claim(address, seen)
             else:
@@ -79,6 +80,24 @@ def check_unique_addresses(jaxpr):
 
     visit(jaxpr, seen)
     return seen
+
+
+def _check_branch_avals(branches):
+    """Raise if one address has two shapes or dtypes in the branches of a cond. Branch i is the
+    i-th function of `lax.switch`; `lax.cond(pred, true_fn, false_fn)` stages false_fn first."""
+    names = [f"branch {i}" for i in range(len(branches))]
+    if len(branches) == 2:
+        names = [f"{names[0]} (lax.cond's false_fn)", f"{names[1]} (lax.cond's true_fn)"]
+    first = {}
+    for name, br in zip(names, branches):
+        for address, aval in site_avals(br.jaxpr).items():
+            other, seen_in = first.setdefault(address, (aval, name))
+            if other != aval:
+                (s1, d1), (s2, d2) = other, aval
+                raise ValueError(
+                    f"address '{format_address(address)}' is drawn with shape {s1} {d1} in {seen_in} and shape "
+                    f"{s2} {d2} in {name} of a lax.cond/switch: a site needs one shape and dtype in every branch"
+                )
 
 
 def _claim(address, seen):
@@ -102,7 +121,7 @@ def run(jaxpr, consts, args, handler, carry, reads):
         invals = [compat.read_atom(env, v) for v in eqn.invars]
         if eqn.primitive is sample_p:
             site = Site.from_eqn(eqn, invals)
-            read = site.observed_value() if site.observed else reads.get(site.address)
+            read = _observed_read(site, reads) if site.observed else reads.get(site.address)
             value, carry, write = handler.site(site, carry, read)
             outs = [value]
             if write is not None:
@@ -120,6 +139,16 @@ def run(jaxpr, consts, args, handler, carry, reads):
         for v, x in zip(eqn.outvars, outs):
             env[v] = x
     return [compat.read_atom(env, v) for v in jaxpr.outvars], carry, writes
+
+
+def _observed_read(site, reads):
+    if site.address in reads:
+        raise ValueError(
+            f"a value was given for address '{site.name}', which the program observes with obs=: the "
+            "observation is used, so the given value would be ignored; leave it out of the choices, or "
+            "give the value through the choices and drop obs="
+        )
+    return site.observed_value()
 
 
 def unsupported(eqn, where=""):

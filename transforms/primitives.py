@@ -20,7 +20,7 @@ import numpy as np
 import numpyro.distributions as nd
 from jax import lax
 
-from transforms import compat
+from transforms import checks, compat
 
 sample_p = compat.Primitive("sample")
 
@@ -55,9 +55,9 @@ class Observed(nd.Distribution):
         return self.base.log_prob(value)
 
 
-def sample_site(address, distribution, estimator, observed=False):
+def sample_site(address, distribution, estimator, observed=False, scale=1.0):
     """Bind `sample_p` for one draw of `distribution` at `address` (a tuple of names);
-    `observed=True` for an `Observed` distribution."""
+    `observed=True` for an `Observed` distribution; `scale` multiplies its log density."""
     leaves, treedef = jax.tree_util.tree_flatten((distribution, estimator))
     leaves = [_as_leaf(leaf) for leaf in leaves]
     draw = jax.eval_shape(lambda ls: jax.tree_util.tree_unflatten(treedef, ls)[0].sample(jax.random.key(0)), leaves)
@@ -69,7 +69,7 @@ def sample_site(address, distribution, estimator, observed=False):
         draw_shape=tuple(draw.shape),
         draw_dtype=np.dtype(draw.dtype),
         observed=observed,
-        scale=1.0,
+        scale=float(scale),
     )
 
 
@@ -99,6 +99,15 @@ def _outside_message(address):
     )
 
 
+def _differentiated_message(address):
+    return (
+        f"jax.grad/jax.jvp reached the sample site '{format_address(address)}' directly; a sample site "
+        "has no derivative of its own. Differentiate an expected value with an `@ppl.expectation` "
+        "(`objective.grad_estimate(key, params, ...)`), or a log density with "
+        "`jax.grad(lambda p: model.assess(choices, p)[0])`."
+    )
+
+
 def _batch(axis_size, leaves, dims, *, batch_shape, **params):
     leaves = [_batch_leaf(x, d, axis_size) for x, d in zip(leaves, dims)]
     return sample_p.bind(*leaves, batch_shape=(axis_size,) + batch_shape, **params), 0
@@ -114,6 +123,17 @@ def _batch_leaf(x, dim, axis_size):
         if x.size * axis_size <= _FOLD_LIMIT:
             return np.broadcast_to(x, (axis_size,) + x.shape)
     return compat.move_batch_dim_to_front(x, dim, axis_size)
+
+
+def typed_key(key):
+    """`key` as a typed PRNG key: a legacy raw key (`jax.random.PRNGKey(0)`, a uint32 array of
+    shape (2,)) becomes the typed key with the same bits, so both draw exactly the same values."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return key
+    if dtype == np.uint32 and jnp.shape(key)[-1:] == (2,):
+        return jax.random.wrap_key_data(key)
+    raise TypeError(f"expected a PRNG key such as jax.random.key(0), got {key!r}")
 
 
 def contains_sample(jaxpr):
@@ -149,6 +169,7 @@ sample_p.def_impl(_impl)
 sample_p.def_abstract_eval(_abstract_eval)
 compat.register_batching(sample_p, _batch)
 compat.register_lowering_error(sample_p, lambda params: _outside_message(params["address"]))
+compat.register_jvp_error(sample_p, lambda params: _differentiated_message(params["address"]))
 compat.wrap_batching(compat.cond_p, _cond_batch)
 
 
@@ -231,11 +252,21 @@ class Site:
         leaves = self.leaves if leaves is None else leaves
         return self.map(lambda d, e: d.value, leaves)
 
-    def log_prob(self, value, leaves=None):
+    def log_prob(self, value, leaves=None, given=False):
         """Total log density of `value` (summed over batch and distribution dimensions), times
-        the site's scale."""
+        the site's scale. Parameters are checked, and with `given` (an observation or a choice
+        handed in) so is the value's support: see `transforms.checks` (raises when the outcome
+        is known at trace time, else NaN / -inf)."""
         leaves = self.leaves if leaves is None else leaves
-        total = jnp.sum(self.map(lambda d, e, x: jnp.sum(d.log_prob(x)), leaves, value))
+        lps = self.map(lambda d, e, x: jnp.sum(d.log_prob(x)), leaves, value)
+        check_support = given and checks.checks_support(self.distribution, value)
+
+        def flags(d, e, x):
+            return checks.parameter_flags(d), checks.support_flag(d, x) if check_support else None
+
+        with jax.ensure_compile_time_eval():  # known values are checked now, and raise
+            param_flags, in_support = self.map(flags, leaves, value)
+        total = checks.guard(self.name, self.distribution, jnp.sum(lps), param_flags, in_support, value)
         return total * self.scale if self.scale != 1.0 else total
 
     @property

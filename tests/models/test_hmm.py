@@ -18,7 +18,7 @@ from models import hmm
 def test_log_joint_matches_a_hand_computation():
     x, z = hmm.make_data(t=6, seed=1)
     for path in (z, jnp.array([0, 0, 1, 1, 0, 1]), jnp.ones(6, jnp.int32)):
-        log_p, _ = hmm.model.assess({"z": path, "x": x}, None, x)
+        log_p, _ = hmm.model.assess({"z": path}, None, x)
         by_hand = np.log(np.asarray(hmm.INIT)[int(path[0])])
         for t in range(1, 6):
             by_hand += np.log(np.asarray(hmm.TRANS)[int(path[t - 1]), int(path[t])])
@@ -33,7 +33,7 @@ def brute_force(x):
     """(log p(x), p(z_t | x)) by summing model.assess over all S^T paths."""
     t = x.shape[0]
     paths = jnp.array(list(itertools.product(range(hmm.S), repeat=t)))
-    assess = jax.jit(lambda path: hmm.model.assess({"z": path, "x": x}, None, x)[0])  # one compile, S^T calls
+    assess = jax.jit(lambda path: hmm.model.assess({"z": path}, None, x)[0])  # one compile, S^T calls
     log_ps = jnp.array([assess(p) for p in paths])
     log_z = logsumexp(log_ps)
     weights = jnp.exp(log_ps - log_z)
