@@ -13,8 +13,8 @@ whose parameters are invalid has log density NaN (which `ppl.fit` reports as a n
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpyro.distributions as nd
+from jax import lax
 from numpyro.distributions import constraints
 
 from transforms import compat

@@ -99,7 +99,11 @@ def test_an_observation_outside_the_support_raises_naming_the_address(distributi
 
 
 def test_a_value_inside_the_support_is_scored_as_numpyro_scores_it():
-    for distribution, value in [(dist.Bernoulli(0.3), 1), (dist.Categorical(jnp.ones(3) / 3), 2), (dist.Poisson(2.0), 3.0)]:
+    for distribution, value in [
+        (dist.Bernoulli(0.3), 1),
+        (dist.Categorical(jnp.ones(3) / 3), 2),
+        (dist.Poisson(2.0), 3.0),
+    ]:
         np.testing.assert_allclose(gen_site(distribution, obs=value).assess({})[0], distribution.log_prob(value))
         np.testing.assert_allclose(gen_site(distribution).assess({"a": value})[0], distribution.log_prob(value))
 
@@ -243,7 +247,8 @@ def test_a_cond_giving_one_address_two_shapes_names_the_branches_in_order():
         )
 
     with pytest.raises(
-        ValueError, match=r"'a' is drawn with shape \(2,\) .* in branch 0 \(lax.cond's false_fn\) and shape \(\) .*true_fn"
+        ValueError,
+        match=r"'a' is drawn with shape \(2,\) .* in branch 0 \(lax.cond's false_fn\) and shape \(\) .*true_fn",
     ):
         branches.simulate(KEY, True)
 
@@ -270,7 +275,9 @@ def test_a_sample_of_something_else_than_a_distribution_is_refused():
 
 
 def test_an_estimator_given_by_name_is_refused():
-    with pytest.raises(TypeError, match="estimator at 'a' must be an estimator such as ppl.reparam\\(\\), got 'reparam'"):
+    with pytest.raises(
+        TypeError, match="estimator at 'a' must be an estimator such as ppl.reparam\\(\\), got 'reparam'"
+    ):
         ppl.with_estimators(gen_site(dist.Normal(0.0, 1.0)), {"a": "reparam"})
 
 
