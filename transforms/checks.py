@@ -113,8 +113,9 @@ def _outside(address, d, value):
 
 
 def guard(address, family, log_prob, param_flags, in_support, value=None):
-    """`log_prob` of a site, made NaN where its parameters are invalid and -inf where the given
-    value is outside the support; raises instead when a check's outcome is known now.
+    """`log_prob` of a site (a scalar, or one entry per element), made NaN where its parameters
+    are invalid and -inf where the given value is outside the support; raises instead when a
+    check's outcome is known now.
 
     `param_flags` is `parameter_flags` of the site (flags batched), `in_support` a flag or None.
     """
@@ -125,9 +126,9 @@ def guard(address, family, log_prob, param_flags, in_support, value=None):
         if not compat.is_concrete(flag):
             params_ok = flag if params_ok is None else params_ok & flag
     if in_support is not None and not compat.is_concrete(in_support):
-        log_prob = lax.select(_all(in_support), log_prob, jnp.array(-jnp.inf, log_prob.dtype))
+        log_prob = lax.select(_all(in_support), log_prob, jnp.full_like(log_prob, -jnp.inf))
     if params_ok is not None:
-        log_prob = lax.select(_all(params_ok), log_prob, jnp.array(jnp.nan, log_prob.dtype))
+        log_prob = lax.select(_all(params_ok), log_prob, jnp.full_like(log_prob, jnp.nan))
     return log_prob
 
 

@@ -257,8 +257,15 @@ class Site:
         the site's scale. Parameters are checked, and with `given` (an observation or a choice
         handed in) so is the value's support: see `transforms.checks` (raises when the outcome
         is known at trace time, else NaN / -inf)."""
+        total = jnp.sum(self.log_prob_elements(value, leaves, given))
+        return total * self.scale if self.scale != 1.0 else total
+
+    def log_prob_elements(self, value, leaves=None, given=False):
+        """The log density of each element of `value`, unscaled and checked as in `log_prob`: an
+        array of the site's batch shape plus its distribution's batch shape (event dimensions
+        summed, as NumPyro's `log_prob` does)."""
         leaves = self.leaves if leaves is None else leaves
-        lps = self.map(lambda d, e, x: jnp.sum(d.log_prob(x)), leaves, value)
+        lps = self.map(lambda d, e, x: d.log_prob(x), leaves, value)
         check_support = given and checks.checks_support(self.distribution, value)
 
         def flags(d, e, x):
@@ -266,8 +273,7 @@ class Site:
 
         with jax.ensure_compile_time_eval():  # known values are checked now, and raise
             param_flags, in_support = self.map(flags, leaves, value)
-        total = checks.guard(self.name, self.distribution, jnp.sum(lps), param_flags, in_support, value)
-        return total * self.scale if self.scale != 1.0 else total
+        return checks.guard(self.name, self.distribution, lps, param_flags, in_support, value)
 
     @property
     def scale(self):

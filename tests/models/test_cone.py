@@ -12,7 +12,7 @@ from models import cone
 
 LOG_P = cone.log_evidence()
 SHORT_STEPS, BATCH = 300, 4
-N = 20_000  # estimates per bound
+N = 80_000  # estimates per bound: the hvi -> iwhvi_5 gap after a short run is about 0.5 nats, over 8 SE at this N
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from models import logreg
 def test_mean_field_posterior_mean_recovers_the_true_direction():
     x, y = logreg.make_data(n=400, seed=1)
     guide, params = logreg.guides(x, y)["mean_field"]
-    params, losses = logreg.fit(guide, params, x, y, steps=800, learning_rate=0.05, progress=False)
+    params, losses = logreg.fit(guide, params, x, y, steps=3000, learning_rate=0.01, progress=False)
     mean = np.asarray(logreg.posterior_mean(guide, params, x, y))
     corr = np.corrcoef(mean, np.asarray(logreg.TRUE_W))[0, 1]
     assert corr > 0.9, (mean, corr)
@@ -22,7 +22,7 @@ def test_mean_field_posterior_mean_recovers_the_true_direction():
 def test_full_rank_covariance_is_not_diagonal_with_correlated_features():
     x, y = logreg.make_data(n=300, rho=0.8, seed=2)
     guide, params = logreg.guides(x, y)["full_rank"]
-    params, _ = logreg.fit(guide, params, x, y, steps=800, learning_rate=0.05, progress=False)
+    params, _ = logreg.fit(guide, params, x, y, steps=3000, learning_rate=0.01, progress=False)
     mean = np.asarray(logreg.posterior_mean(guide, params, x, y))
     assert np.corrcoef(mean, np.asarray(logreg.TRUE_W))[0, 1] > 0.9
     cov = np.asarray(guide.covariance(params))
