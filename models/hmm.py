@@ -3,19 +3,19 @@
     z_1 ~ Categorical(INIT),  z_t | z_{t-1} ~ Categorical(TRANS[z_{t-1}]),  x_t ~ N(MEANS[z_t], SCALE)
 
 with S = 2 states and known parameters. The first step uses a virtual start state S whose
-transition row is INIT, so every step is the same scanned body. The exact marginal likelihood
-log p(x) comes from the forward algorithm (`log_marginal`) and the exact posterior marginals
-p(z_t | x) from forward-backward (`posterior_marginals`) (Rabiner, 1989).
+transition row is INIT, so every step is the same scanned body. `ppl.marginal(model, [],
+ppl.exact())` sums the states out through the scan (the forward algorithm, `transforms.exact`);
+the hand-written forward algorithm (`log_marginal`) and forward-backward (`posterior_marginals`)
+(Rabiner, 1989) are the oracles it is tested against.
 
 The guide is mean field over the states, q(z) = prod_t Categorical(z_t; logits_t), drawn under
-`jax.vmap` and trained with `ppl.enum()` at its site (local expectation gradients). `ppl.enum` is
-a gradient estimator, not a marginalization: `ppl` cannot sum the model's states out through the
-scan (the forward algorithm) by itself, so the forward algorithm is written by hand here. (Enum
-at sites *inside* a scan is limited to short top-level scans, unrolled; this module does not rely
-on it: the guide's sites are under `vmap`.)
+`jax.vmap` and trained with `ppl.enum()` at its site (local expectation gradients).
+
+`learned_model` has three states whose initial and transition probabilities are parameters;
+`fit_transitions` finds their maximum-likelihood values by maximizing the exact log-likelihood.
 
 `python -m models.hmm` fits the guide with `ppl.fit`, compares its ELBO with log p(x) and its
-marginals with the exact ones, and writes `hmm.png`.
+marginals with the exact ones, decodes the path (Viterbi), and writes `hmm.png`.
 """
 
 import jax
@@ -54,22 +54,66 @@ def init_params(t):
     return {"logits": jnp.zeros((t, S))}
 
 
-def make_data(t=20, seed=0):
-    """(x, z): a state path and its emissions, drawn from the model with a fixed seed."""
-    key = jax.random.key(seed)
+def make_data(t=20, seed=0, init=INIT, trans=TRANS, means=MEANS):
+    """(x, z): a state path and its emissions, drawn from the chain with a fixed seed."""
+    key, rows = jax.random.key(seed), jnp.vstack([trans, init[None]])
 
     def step(prev, key):
         kz, kx = jax.random.split(key)
-        z = jax.random.categorical(kz, jnp.log(_ROWS[prev]))
-        return z, (MEANS[z] + SCALE * jax.random.normal(kx), z)
+        z = jax.random.categorical(kz, jnp.log(rows[prev]))
+        return z, (means[z] + SCALE * jax.random.normal(kx), z)
 
-    _, (x, z) = jax.lax.scan(step, jnp.asarray(S), jax.random.split(key, t))
+    _, (x, z) = jax.lax.scan(step, jnp.asarray(init.shape[0]), jax.random.split(key, t))
     return x, z
 
 
-def log_emissions(x):
-    """(T, S): log N(x_t; MEANS[s], SCALE)."""
-    return dist.Normal(MEANS, SCALE).log_prob(x[:, None])
+def exact_marginal(gen_fn=None):
+    """The model (or `gen_fn`) with every state summed out: `ppl.density(...)({}, params, x)` is log p(x)."""
+    return ppl.marginal(model if gen_fn is None else gen_fn, keep=[], algorithm=ppl.exact())
+
+
+# -- three states with learned transitions ------------------------------------------------------
+
+MEANS_3 = jnp.array([-2.0, 0.0, 2.0])
+INIT_3 = jnp.array([0.6, 0.3, 0.1])
+TRANS_3 = jnp.array([[0.8, 0.1, 0.1], [0.15, 0.7, 0.15], [0.05, 0.15, 0.8]])
+
+
+@ppl.gen
+def learned_model(params, x):
+    """Like `model` with states at MEANS_3 and probabilities softmax(params["init_logits"]) and
+    softmax(params["trans_logits"]) (row i: from state i)."""
+    rows = jax.nn.softmax(jnp.vstack([params["trans_logits"], params["init_logits"][None]]), axis=-1)
+
+    def step(prev, x_t):
+        z = ppl.sample("z", dist.Categorical(probs=rows[prev]))
+        ppl.sample("x", dist.Normal(MEANS_3[z], SCALE), obs=x_t)
+        return z, None
+
+    jax.lax.scan(step, jnp.asarray(MEANS_3.shape[0]), x)
+
+
+def fit_transitions(x, steps=300, learning_rate=0.05, progress=False):
+    """Maximum-likelihood (init, trans) of `learned_model` for data x, by `ppl.fit` of the exact
+    log-likelihood from uniform starting probabilities."""
+    marginal = exact_marginal(learned_model)
+    log_likelihood = ppl.expectation(lambda params, x: ppl.density(marginal)({}, params, x) / x.shape[0])
+    start = {"init_logits": jnp.zeros(3), "trans_logits": jnp.zeros((3, 3))}
+    params, _ = ppl.fit(
+        log_likelihood,
+        start,
+        x,
+        optimizer=optax.adam(learning_rate),
+        steps=steps,
+        key=jax.random.key(0),
+        progress=progress,
+    )
+    return jax.nn.softmax(params["init_logits"]), jax.nn.softmax(params["trans_logits"], axis=-1)
+
+
+def log_emissions(x, means=MEANS):
+    """(T, S): log N(x_t; means[s], SCALE)."""
+    return dist.Normal(means, SCALE).log_prob(x[:, None])
 
 
 def log_joint(x, z):
@@ -79,21 +123,21 @@ def log_joint(x, z):
     return log_init + log_trans + jnp.sum(log_emissions(x)[jnp.arange(x.shape[0]), z])
 
 
-def _forward(x):
-    log_e = log_emissions(x)
+def _forward(x, init=INIT, trans=TRANS, means=MEANS):
+    log_e = log_emissions(x, means)
 
     def step(log_alpha, log_e_t):
-        log_alpha = logsumexp(log_alpha[:, None] + jnp.log(TRANS), axis=0) + log_e_t
+        log_alpha = logsumexp(log_alpha[:, None] + jnp.log(trans), axis=0) + log_e_t
         return log_alpha, log_alpha
 
-    first = jnp.log(INIT) + log_e[0]
+    first = jnp.log(init) + log_e[0]
     _, rest = jax.lax.scan(step, first, log_e[1:])
     return jnp.concatenate([first[None], rest])
 
 
-def log_marginal(x):
-    """log p(x) by the forward algorithm: alpha_t(s) = p(x_1..t, z_t = s)."""
-    return logsumexp(_forward(x)[-1])
+def log_marginal(x, init=INIT, trans=TRANS, means=MEANS):
+    """log p(x) by the forward algorithm written by hand: alpha_t(s) = p(x_1..t, z_t = s)."""
+    return logsumexp(_forward(x, init, trans, means)[-1])
 
 
 def posterior_marginals(x):
@@ -129,12 +173,15 @@ def main():
     objective = elbo()
     est = jax.jit(jax.vmap(lambda k: objective.estimate(k, params, x)))(jax.random.split(jax.random.key(1), 2000))
     print(f"T = {x.shape[0]}, S = {S}")
-    print(f"log p(x) (forward algorithm): {float(log_marginal(x)):.3f}")
+    log_p = float(ppl.density(exact_marginal())({}, None, x))
+    print(f"log p(x) (ppl.exact, the forward algorithm): {log_p:.3f} (by hand: {float(log_marginal(x)):.3f})")
     se = float(jnp.std(est) / jnp.sqrt(est.size))
     print(f"ELBO of the fitted mean-field guide: {float(jnp.mean(est)):.3f} ± {se:.3f}")
     print(f"max |q(z_t = 1) - p(z_t = 1 | x)|: {float(jnp.max(jnp.abs(q[:, 1] - exact[:, 1]))):.3f}")
     decoded = float(jnp.mean(jnp.argmax(exact, 1) == z))
     print(f"states decoded by argmax p(z_t | x) that match the true path: {decoded:.2f}")
+    viterbi = exact_marginal().map({}, None, x)["z"]
+    print(f"states of the Viterbi path that match the true path: {float(jnp.mean(viterbi == z)):.2f}")
 
     t = np.arange(x.shape[0])
     fig, (a, b) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)

@@ -8,7 +8,7 @@ from ppl import autoguide, diagnostics, dist, objectives
 from ppl.choicemap import ChoiceMap, Trace
 from ppl.expectation import Expectation, density, expectation, sim
 from ppl.gen import GenerativeFunction, gen, plate, sample, scale, scan, vmap, with_estimators
-from ppl.marginal import marginal, normalize, sir
+from ppl.marginal import exact, marginal, normalize, sir
 from ppl.params import Constrained, constrain, constrained
 from ppl.predictive import predictive
 from ppl.train import SVI, SVIState, fit, svi
@@ -31,6 +31,7 @@ __all__ = [
     "diagnostics",
     "dist",
     "enum",
+    "exact",
     "expectation",
     "fit",
     "gen",

@@ -1,5 +1,17 @@
-"""Approximate marginalization and normalization by nested importance sampling
-(Becker, Lew et al., "Probabilistic programming with programmable variational inference", PLDI 2024).
+"""Marginalization and normalization: exact sums over finite-support sites, or nested importance
+sampling (Becker, Lew et al., "Probabilistic programming with programmable variational inference",
+PLDI 2024).
+
+`marginal(p, keep, exact())` is the marginal of `p` over the addresses in `keep` with every other
+site summed out exactly (each must have a finite support): `ppl.density(m)(z, *args)` is
+log sum_u p(z, u) (deterministic, differentiated by JAX), `ppl.sim(m)(*args)` a draw of z with that
+exact log density. Plates cost linear time in their size, `lax.scan` chains the forward algorithm
+(see `transforms.exact`). `m.marginals(z, *args)`, `m.map(z, *args)` give the posterior over the
+summed-out sites (marginals; the most probable assignment, the Viterbi path in a scan).
+
+    hmm = ppl.marginal(model, keep=[], algorithm=ppl.exact())
+    log_lik = ppl.density(hmm)({}, params, x)                 # the forward algorithm
+    path = hmm.map({}, params, x)["z"]                        # Viterbi
 
 `marginal(q, keep, sir(K, proposal=r))` stands for the marginal of `q` over the addresses in
 `keep`; the other addresses u are integrated out by importance sampling with proposal r(u | z):
@@ -30,8 +42,9 @@ import jax.numpy as jnp
 from ppl import dist
 from ppl.choicemap import flatten_choices, nest_choices
 from ppl.expectation import density, sim
+from transforms import exact as exact_elimination
 from transforms import gfi
-from transforms.primitives import sample_site
+from transforms.primitives import format_address, sample_site
 
 
 class SIR(NamedTuple):
@@ -98,8 +111,63 @@ class Marginal:
         return _log_mean_exp(_particles(lambda: self._proposed_log_weight(kept, args), self.algorithm.num_particles))
 
 
+class Exact(NamedTuple):
+    """Exact summation of the sites not kept (see the module docstring)."""
+
+
+def exact():
+    """The exact algorithm for `marginal`: `ppl.marginal(model, keep=["mu"], algorithm=ppl.exact())`."""
+    return Exact()
+
+
+class ExactMarginal:
+    """The marginal of a generative function over `keep`, its other sites summed out exactly."""
+
+    def __init__(self, gen_fn, keep):
+        self.gen_fn = gen_fn
+        self.keep = frozenset(a if isinstance(a, tuple) else (a,) for a in keep)
+
+    def _given(self, choices):
+        given = flatten_choices(choices)
+        extra = set(given) - self.keep
+        if extra:
+            shown = ", ".join(sorted(map(format_address, extra)))
+            raise KeyError(f"values given for sites the marginal sums out: {shown}; to condition on them, keep them")
+        missing = self.keep - set(given)
+        if missing:
+            shown = ", ".join(sorted(map(format_address, missing)))
+            raise KeyError(f"the marginal keeps {shown}, so its density needs their values")
+        return given
+
+    def density_estimate(self, choices, *args):
+        """log p(choices) with the other sites summed out: exact, not an estimate."""
+        closed, flat_args, _ = self.gen_fn.stage(*args)
+        return exact_elimination.log_marginal(closed, flat_args, self._given(choices))
+
+    def sim_estimate(self, *args):
+        full, _ = sim(self.gen_fn)(*args)
+        kept = nest_choices({a: v for a, v in flatten_choices(full).items() if a in self.keep})
+        return kept, self.density_estimate(kept, *args)
+
+    def marginals(self, choices, *args):
+        """{address: p(value | choices)} for every summed-out site: its value's shape plus a last
+        axis over its support values (in `enumerate_support` order)."""
+        closed, flat_args, _ = self.gen_fn.stage(*args)
+        return nest_choices(exact_elimination.posterior(closed, flat_args, self._given(choices)))
+
+    def map(self, choices, *args):
+        """{address: value} of the most probable joint assignment of the summed-out sites given
+        `choices` (Viterbi in a scan; ties broken arbitrarily)."""
+        closed, flat_args, _ = self.gen_fn.stage(*args)
+        given = self._given(choices)
+        return nest_choices(exact_elimination.posterior(closed, flat_args, given, exact_elimination.MAX))
+
+
 def marginal(gen_fn, keep, algorithm):
-    """The marginal of `gen_fn` over the addresses in `keep`, by `algorithm` (`ppl.sir`)."""
+    """The marginal of `gen_fn` over the addresses in `keep`, by `algorithm`: `ppl.exact()` (sum
+    the other sites out) or `ppl.sir(K, proposal)` (importance sampling)."""
+    if isinstance(algorithm, Exact):
+        return ExactMarginal(gen_fn, keep)
     return Marginal(gen_fn, keep, algorithm)
 
 

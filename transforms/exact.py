@@ -1,0 +1,502 @@
+"""Exact marginalization: sum the finite-support sites of a staged program out of its density.
+
+    log_marginal(closed, args, given)            -> log sum_u p(given, u)
+    log_marginal(closed, args, given, MAX)       -> log max_u p(given, u)
+
+Every site whose value is neither given nor observed is summed out (it must have a finite
+support). The program is evaluated once over all *worlds*, as in `transforms.adev`: a summed-out
+site opens a world axis holding its support, and values computed from it carry that axis. Each
+site contributes a log-density *factor* over the world axes it depends on; variable elimination
+then sums the factors out:
+
+- A site with one coordinate gets an ordinary world axis; the factors over these axes are summed
+  out jointly at the end (cost: the product of their support sizes).
+- A site with several independent coordinates (under `jax.vmap`, a `ppl.plate` or a plate
+  context) gets one world axis *per element* (value v in world v, element by element), as Pyro's
+  plates do: the factors that read it must have the same elements, and each element is summed out
+  on its own, so the cost is linear in the plate size. Like Pyro, this assumes the plate's
+  elements are conditionally independent: a factor whose elements differ from the plate's is
+  refused, but one that reads another element's value (a reversed or rolled copy) cannot be told
+  from one that does not.
+- A `lax.scan` whose body holds summed-out sites is a Markov chain: its state is the joint value
+  of the body's summed-out sites, and the forward algorithm (Rabiner, 1989) sums it out in
+  O(T S^2) time inside one `lax.scan` (compile time independent of T). The carry must depend on
+  the previous step's summed-out values only through this step's sites (first-order Markov);
+  anything else is refused, naming the addresses. A scan under `jax.vmap` (several sequences) runs
+  one chain per element.
+
+`offsets` ({address: array}) adds a term to each summed-out site's log factor (shape (K,) plus the
+site's value shape, and a leading scan length inside a scan): the gradient of `log_marginal` with
+respect to it is the posterior marginal of each value, and under the max semiring the indicator of
+the most probable assignment (the Viterbi path): see `posterior`.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from transforms import compat, families
+from transforms.adev import Dual, _expand, _per_world, _world_axes
+from transforms.gfi import _conform, check_known
+from transforms.interpreter import live_eqns, site_avals, unsupported
+from transforms.primitives import Site, eqn_contains_sample, format_address, sample_p
+
+
+class Semiring(NamedTuple):
+    """How log factors combine over the values of a summed-out site: `sum(x, axes)`."""
+
+    name: str
+    sum: object
+
+
+SUM = Semiring("sum", lambda x, axes: jax.nn.logsumexp(x, axis=axes))
+MAX = Semiring("max", lambda x, axes: jnp.max(x, axis=axes))
+
+
+class _Axis(NamedTuple):
+    """A world axis: the summed-out site that owns it, its support size, and its elements (the
+    site's independent coordinates, `()` for a site with one)."""
+
+    address: tuple
+    size: int
+    elements: tuple
+
+
+class _Factor(NamedTuple):
+    """A log-density term: an array led by its world axes (`worlds`, (axis, size) pairs), then
+    `elements`; `scale` multiplies it once its own world axes are summed out."""
+
+    log_prob: object
+    worlds: tuple
+    elements: tuple
+    scale: float
+    address: tuple
+
+
+class _Poisoned(NamedTuple):
+    """A value that depends on summed-out sites in a way the elimination cannot follow (a scan's
+    output that depends on its chain's state): an error if a site or a loop reads it."""
+
+    addresses: tuple
+
+
+def log_marginal(closed, args, given, semiring=SUM, offsets=None):
+    """log sum (or max) over the values of every site not in `given` (flat {address: value}) and
+    not observed, of the joint density of a staged program with flat arguments `args`."""
+    check_known(closed, given, "the given values")
+    elim = _Eliminator(given, semiring, offsets or {})
+    elim.run(closed.jaxpr, closed.consts, [Dual(a) for a in args])
+    return _eliminate(elim.factors, elim.axes, semiring)
+
+
+def summed_out(closed, given):
+    """{address: (shape, dtype)} of the sites `log_marginal` sums out (scan sites stacked)."""
+    observed = _observed_addresses(closed.jaxpr)
+    return {a: aval for a, aval in site_avals(closed.jaxpr).items() if a not in given and a not in observed}
+
+
+class Summed(NamedTuple):
+    """A summed-out site: the shape of its offsets ((scan length,) if in a scan, then its support
+    size K, then its value's shape), where K sits in it, and its support values (K,)."""
+
+    offset_shape: tuple
+    support_axis: int
+    support: object
+
+
+def summed_sites(closed, args, given):
+    """{address: Summed} for the sites `log_marginal` sums out (found by tracing abstractly)."""
+    found = {}
+
+    def probe(args):
+        elim = _Eliminator(given, SUM, {})
+        elim.run(closed.jaxpr, closed.consts, [Dual(a) for a in args])
+        found.update(elim.summed)
+        return jnp.zeros(())
+
+    jax.eval_shape(probe, list(args))
+    return found
+
+
+def posterior(closed, args, given, semiring=SUM):
+    """{address: array} for the summed-out sites: with SUM the posterior marginals given `given`
+    (the site's value shape plus a last axis over its support values, in order), with MAX the
+    values of the most probable joint assignment (the Viterbi path in a scan; ties broken
+    arbitrarily). Both are gradients of `log_marginal` with respect to zero offsets."""
+    sites = summed_sites(closed, args, given)
+    zeros = {a: jnp.zeros(s.offset_shape, jnp.result_type(float)) for a, s in sites.items()}
+    grads = jax.grad(lambda o: log_marginal(closed, args, given, semiring, o))(zeros)
+    out = {}
+    for address, s in sites.items():
+        probs = jnp.moveaxis(grads[address], s.support_axis, -1)
+        out[address] = probs if semiring is SUM else jnp.asarray(s.support)[jnp.argmax(probs, axis=-1)]
+    return out
+
+
+def _observed_addresses(jaxpr):
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is sample_p and eqn.params.get("observed", False):
+            found.add(eqn.params["address"])
+        for sub in compat.sub_jaxprs(eqn.params):
+            found |= _observed_addresses(sub)
+    return found
+
+
+class _Eliminator:
+    """Evaluates a jaxpr over worlds, collecting the factors of its sites (see module docstring)."""
+
+    def __init__(self, given, semiring, offsets):
+        self.given, self.semiring, self.offsets = given, semiring, offsets
+        self.factors, self.axes = [], {}
+        self.summed = {}  # {address: Summed}
+
+    def new_axis(self, address, size, elements):
+        axis = len(self.axes)
+        self.axes[axis] = _Axis(address, size, elements)
+        return axis
+
+    def run(self, jaxpr, consts, duals):
+        env = {v: Dual(c) for v, c in zip(jaxpr.constvars, consts)}
+        env.update(zip(jaxpr.invars, duals))
+        for eqn in live_eqns(jaxpr):
+            ins = [Dual(v.val) if isinstance(v, compat.Literal) else env[v] for v in eqn.invars]
+            poisoned = [d for d in ins if isinstance(d, _Poisoned)]
+            if poisoned and eqn_contains_sample(eqn):
+                raise _poisoned_error(poisoned, eqn)
+            if poisoned:
+                outs = [_Poisoned(tuple(sorted({a for d in poisoned for a in d.addresses})))] * len(eqn.outvars)
+            elif eqn.primitive is sample_p:
+                outs = [self.site(eqn, ins)]
+            elif not eqn_contains_sample(eqn):
+                outs = _per_world(ins, lambda ds: [Dual(o) for o in compat.bind_eqn(eqn, [d.primal for d in ds])])
+            elif eqn.primitive.name in compat.INLINE_CALLS:
+                inner, inner_consts = compat.inline_jaxpr(eqn)
+                outs = self.run(inner, inner_consts, ins)
+            elif eqn.primitive.name == "scan":
+                outs = self.scan(eqn, ins)
+            else:
+                raise unsupported(eqn, " in an exact marginal")
+            env.update(zip(eqn.outvars, outs))
+        return [Dual(v.val) if isinstance(v, compat.Literal) else env[v] for v in jaxpr.outvars]
+
+    # -- sites --------------------------------------------------------------------------------
+
+    def site(self, eqn, ins):
+        address = eqn.params["address"]
+        first = Site.from_eqn(eqn, [_first_world(d) for d in ins])
+        if first.observed:
+            value = _per_world(ins, lambda ds: Dual(Site.from_eqn(eqn, _primals(ds)).observed_value()))
+            self.add_factor(eqn, ins, value, given=True)
+            return value
+        if address in self.given:
+            value = Dual(_conform(first, self.given[address]))
+            self.add_factor(eqn, ins, value, given=True)
+            return value
+        support = _support(first)
+        size, elements = support.shape[0], first.value_shape
+        axis = self.new_axis(address, size, elements)
+        values = jnp.broadcast_to(support.reshape((size,) + (1,) * len(elements)), (size,) + elements)
+        value = Dual(values, None, ((axis, size),))
+        self.summed[address] = Summed((size,) + elements, 0, support)
+        offset = self.offsets.get(address)
+        if offset is not None:
+            if jnp.shape(offset) != (size,) + elements:
+                raise ValueError(
+                    f"offset at '{first.name}' has shape {jnp.shape(offset)}, expected {(size,) + elements}"
+                )
+            offset = Dual(offset, None, ((axis, size),))
+        self.add_factor(eqn, ins, value, given=False, offset=offset)
+        return value
+
+    def add_factor(self, eqn, ins, value, given, offset=None):
+        extra = [] if offset is None else [offset]
+
+        def one_world(ds):
+            site = Site.from_eqn(eqn, _primals(ds[: len(ins)]))
+            lp = site.log_prob_elements(ds[len(ins)].primal, given=given)
+            return Dual(lp if offset is None else lp + ds[-1].primal)
+
+        lp = _per_world(ins + [value] + extra, one_world)
+        first = Site.from_eqn(eqn, [_first_world(d) for d in ins])
+        elements = first.batch_shape + first.distribution.batch_shape
+        self.factors.append(_Factor(lp.primal, lp.worlds, elements, first.scale, eqn.params["address"]))
+
+    # -- scans: the forward algorithm ---------------------------------------------------------
+
+    def scan(self, eqn, ins):
+        p = eqn.params
+        body, length = p["jaxpr"], p["length"]
+        avals = site_avals(body.jaxpr)
+        reads = {}
+        for address in avals:
+            if address in self.given:
+                value = jnp.asarray(self.given[address])
+                if jnp.ndim(value) == 0 or jnp.shape(value)[0] != length:
+                    raise ValueError(
+                        f"the value at '{format_address(address)}' is inside a scan of length {length}: it needs "
+                        f"leading dimension {length}, got shape {jnp.shape(value)}"
+                    )
+                reads[address] = value
+        offsets = {a: self.offsets[a] for a in avals if a in self.offsets}
+        if any(self.axes[a].elements for d in ins for a, _ in d.worlds):
+            raise NotImplementedError(
+                f"the scan holding {_listed(avals)} reads a value summed out in a plate; exact sums of a "
+                "plate's sites feeding a scan are not supported"
+            )
+        chain = _Chain(self, eqn, reads, offsets)
+        structure = chain.structure()
+        for address, s in structure.summed.items():
+            self.summed[address] = Summed((length,) + s.offset_shape, s.support_axis + 1, s.support)
+
+        def one_world(ds):
+            log_z, outs = chain.forward(_primals(ds), structure)
+            return Dual(log_z), [Dual(o) for o in outs]
+
+        log_z, outs = _per_world(ins, one_world)
+        self.factors.append(_Factor(log_z.primal, log_z.worlds, structure.elements, structure.scale, ("scan",)))
+        outs = iter(outs)
+        return [
+            _Poisoned(structure.addresses) if i in structure.poisoned else next(outs) for i in range(len(eqn.outvars))
+        ]
+
+
+class _Structure(NamedTuple):
+    """What one step of a chain looks like (found by tracing it): the carry positions that hold
+    its state, the output positions that depend on the state, the number of states, the chain's
+    elements (several independent chains under `vmap`), the body factors' common scale, the
+    summed-out addresses and their `Summed` records (without the scan's length)."""
+
+    state: frozenset
+    poisoned: frozenset
+    size: int
+    elements: tuple
+    scale: float
+    addresses: tuple
+    summed: dict
+
+
+class _Chain:
+    """A `lax.scan` with summed-out sites, as a Markov chain (see module docstring)."""
+
+    PREVIOUS = ("<previous state>",)
+
+    def __init__(self, outer, eqn, reads, offsets):
+        self.outer, self.eqn, self.reads, self.offsets = outer, eqn, reads, offsets
+        p = eqn.params
+        self.body, self.nc, self.nk, self.length = p["jaxpr"], p["num_consts"], p["num_carry"], p["length"]
+
+    def step(self, state_positions, size, elements, consts, carry, x):
+        """One step for `size` previous states: (factors over (previous, this step's axes), the
+        body's outputs, the eliminator)."""
+        _, prev, free = carry
+        xs, reads, offsets = x
+        elim = _Eliminator(reads, self.outer.semiring, offsets)
+        previous = elim.new_axis(self.PREVIOUS, size, elements)
+        carry_duals = [
+            Dual(prev[i], None, ((previous, size),)) if i in state_positions else Dual(free[i]) for i in range(self.nk)
+        ]
+        outs = elim.run(
+            self.body.jaxpr, self.body.consts, [Dual(c) for c in consts] + carry_duals + [Dual(v) for v in xs]
+        )
+        return elim, previous, outs
+
+    def structure(self):
+        """Trace one step (abstractly) until the state's carry positions are a fixed point."""
+        ins_avals = [v.aval for v in self.eqn.invars]
+        consts = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins_avals[: self.nc]]
+        carry = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins_avals[self.nc : self.nc + self.nk]]
+        xs = [jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in ins_avals[self.nc + self.nk :]]
+        reads = {a: jax.ShapeDtypeStruct(jnp.shape(v)[1:], jnp.result_type(v)) for a, v in self.reads.items()}
+        state, found = frozenset(), {}
+        while True:
+
+            def probe(consts, carry, xs, reads):
+                prev = [c[None] for c in carry]
+                elim, previous, outs = self.step(state, 1, (), consts, (None, prev, carry), (xs, reads, {}))
+                found["elim"], found["previous"], found["outs"] = elim, previous, outs
+                return jnp.zeros(())
+
+            jax.eval_shape(probe, consts, carry, xs, reads)
+            outs, elim = found["outs"], found["elim"]
+            depends = {i for i, o in enumerate(outs) if isinstance(o, _Poisoned) or o.worlds}
+            new_state = frozenset(i for i in depends if i < self.nk)
+            if new_state <= state:
+                break
+            state = state | new_state
+        axes = {a: ax for a, ax in elim.axes.items() if a != found["previous"]}
+        addresses = tuple(ax.address for ax in axes.values())
+        if not axes:
+            elements = ()
+        else:
+            kinds = {ax.elements for ax in axes.values()}
+            if len(kinds) > 1:
+                raise NotImplementedError(
+                    f"the scan's summed-out sites {_listed(addresses)} have different elements {sorted(kinds)}: "
+                    "a chain's state must be one value, or one per element of a vmapped chain"
+                )
+            (elements,) = kinds
+        scales = {f.scale for f in elim.factors}
+        if len(scales) > 1:
+            raise NotImplementedError(f"the sites of the scan holding {_listed(addresses)} have different scales")
+        size = math.prod(ax.size for ax in axes.values())
+        poisoned = frozenset(i for i in depends if i >= self.nk) | state
+        scale = scales.pop() if scales else 1.0
+        return _Structure(state, poisoned, size, elements, scale, addresses, elim.summed)
+
+    def forward(self, ins, structure):
+        """(log of the chain's total (or max) weight, per element; the scan's outputs that do not
+        depend on the state) for inputs without worlds."""
+        consts, init, xs = ins[: self.nc], ins[self.nc : self.nc + self.nk], ins[self.nc + self.nk :]
+        size, elements, semiring = structure.size, structure.elements, self.outer.semiring
+        addresses = structure.addresses
+
+        def step(carry, x):
+            alpha = carry[0]
+            elim, previous, outs = self.step(structure.state, size, elements, consts, carry, x)
+            axes = [(a, ax.size) for a, ax in elim.axes.items()]
+            mine = [(a, n) for a, n in axes if a != previous]
+            table = 0.0
+            for f in elim.factors:
+                table = table + _on_axes(f, elim.axes, axes, elements)
+            table = jnp.broadcast_to(table, tuple(n for _, n in axes) + elements).reshape((size, size) + elements)
+            alpha = semiring.sum(alpha[:, None] + table, 0)
+            prev, free, ys = list(carry[1]), list(carry[2]), []
+            for i, o in enumerate(outs):
+                if i in structure.state:
+                    if any(a == previous for a, _ in o.worlds):
+                        raise NotImplementedError(_non_markov(addresses, i))
+                    dense = _expand(o.primal, o.worlds, mine)
+                    shape = tuple(n for _, n in mine) + jnp.shape(o.primal)[len(o.worlds) :]
+                    prev[i] = jnp.broadcast_to(dense, shape).reshape((size,) + shape[len(mine) :])
+                elif i < self.nk:
+                    free[i] = o.primal
+                elif i not in structure.poisoned:
+                    ys.append(o.primal)
+            return (alpha, prev, free), ys
+
+        alpha = jnp.full((size,) + elements, -jnp.inf, jnp.result_type(float)).at[0].set(0.0)
+        prev = [jnp.broadcast_to(c, (size,) + jnp.shape(c)) if i in structure.state else c for i, c in enumerate(init)]
+        x = (xs, self.reads, self.offsets)
+        (alpha, _, free), ys = lax.scan(
+            step, (alpha, prev, list(init)), x, length=self.length, reverse=self.eqn.params["reverse"]
+        )
+        log_z = semiring.sum(alpha, 0)
+        outs = [free[i] for i in range(self.nk) if i not in structure.state] + list(ys)
+        return log_z, outs
+
+
+def _on_axes(factor, axes, wanted, elements):
+    """A step factor led by the world axes `wanted` (all of the step's), then `elements` if it
+    reads a per-element state, else summed over its own elements."""
+    per_element = any(axes[a].elements for a, _ in factor.worlds)
+    x = factor.log_prob
+    if per_element:
+        if factor.elements != elements:
+            raise NotImplementedError(_mismatch(factor, elements))
+    else:
+        own = tuple(range(len(factor.worlds), x.ndim))
+        x = jnp.sum(x, axis=own) if own else x
+        x = x.reshape(x.shape + (1,) * len(elements))
+    have = dict(factor.worlds)  # world axes are in creation order, as `wanted` is
+    return x.reshape(tuple(have.get(a, 1) for a, _ in wanted) + x.shape[len(factor.worlds) :])
+
+
+def _eliminate(factors, axes, semiring):
+    """Sum (or max) every world axis out of the factors; returns the log total."""
+    by_plate, rest = {}, []
+    for f in factors:
+        plate = {axes[a].elements for a, _ in f.worlds if axes[a].elements}
+        if not plate:
+            rest.append(f)
+            continue
+        if len(plate) > 1:
+            raise NotImplementedError(
+                f"the site '{format_address(f.address)}' reads values summed out in plates of different sizes "
+                f"{sorted(plate)}: exact sums over nested plates are not supported"
+            )
+        (elements,) = plate
+        if f.elements != elements:
+            raise NotImplementedError(_mismatch(f, elements))
+        by_plate.setdefault(elements, []).append(f)
+    for elements, group in by_plate.items():
+        scales = {f.scale for f in group}
+        if len(scales) > 1:
+            raise NotImplementedError(
+                f"the sites {_listed(f.address for f in group)} of one plate have different scales"
+            )
+        wanted = _world_axes([Dual(None, None, f.worlds) for f in group])
+        table = sum(
+            jnp.broadcast_to(_expand(f.log_prob, f.worlds, wanted), tuple(n for _, n in wanted) + elements)
+            for f in group
+        )
+        summed = tuple(i for i, (a, _) in enumerate(wanted) if axes[a].elements)
+        reduced = semiring.sum(table, summed) * scales.pop()
+        kept = tuple(w for w in wanted if not axes[w[0]].elements)
+        reduced = jnp.sum(reduced, axis=tuple(range(len(kept), reduced.ndim)))
+        rest.append(_Factor(reduced, kept, (), 1.0, group[0].address))
+    wanted = _world_axes([Dual(None, None, f.worlds) for f in rest])
+    total = jnp.zeros(tuple(n for _, n in wanted), jnp.result_type(float))
+    for f in rest:
+        x = jnp.sum(f.log_prob, axis=tuple(range(len(f.worlds), jnp.ndim(f.log_prob))))
+        total = total + _expand(x * f.scale if f.scale != 1.0 else x, f.worlds, wanted)
+    return semiring.sum(total, tuple(range(len(wanted)))) if wanted else total
+
+
+def _support(site):
+    """The values of a site to sum over, (K,) (the same for every element), or a ValueError
+    naming it."""
+    d = site.distribution
+    base = families.unwrap(d)
+    if not d.has_enumerate_support:
+        raise ValueError(
+            f"the site '{site.name}' cannot be summed out: {type(base).__name__} has no finite support. Give "
+            "its value (keep it in the marginal), observe it, or sum out only finite-support sites"
+        )
+    if base.event_shape:
+        raise NotImplementedError(
+            f"the site '{site.name}' has event shape {base.event_shape}: only sites with scalar values "
+            "(Categorical, Bernoulli, Binomial, ...) can be summed out"
+        )
+    with jax.ensure_compile_time_eval():  # a constant, also when found while tracing abstractly
+        return base.enumerate_support(expand=False).reshape(-1).astype(site.value_dtype)
+
+
+def _first_world(d):
+    return d.primal[(0,) * len(d.worlds)] if d.worlds else d.primal
+
+
+def _primals(duals):
+    return [d.primal for d in duals]
+
+
+def _listed(addresses):
+    return ", ".join(f"'{format_address(a)}'" for a in addresses) or "no summed-out sites"
+
+
+def _mismatch(factor, elements):
+    return (
+        f"the site '{format_address(factor.address)}' (elements {factor.elements}) reads a value summed out over "
+        f"a plate of elements {elements}: an exact sum over a plate needs every site that reads its summed-out "
+        "values to be in the same plate, element by element"
+    )
+
+
+def _non_markov(addresses, position):
+    return (
+        f"the scan holding the summed-out sites {_listed(addresses)} carries (position {position}) a value that "
+        "depends on the previous step's summed-out values other than through this step's sites: the forward "
+        "algorithm needs a first-order Markov chain (carry this step's values, not a function of the past)"
+    )
+
+
+def _poisoned_error(poisoned, eqn):
+    addresses = sorted({a for d in poisoned for a in d.addresses})
+    return NotImplementedError(
+        f"a value computed from the summed-out sites {_listed(addresses)} of a scan (its final carry or its "
+        f"outputs) is read by a later sample site or loop ('{eqn.primitive.name}'): the forward algorithm sums the "
+        "chain out inside the scan, so nothing after it may depend on the chain's state"
+    )
