@@ -23,9 +23,10 @@ def uphill(params, *data):
     return params["loc"]
 
 
-def run_fit(objective=uphill, *args, **kwargs):
+def run_fit(objective=uphill, *args, params=None, **kwargs):
+    """`ppl.fit` with 5 SGD steps from loc = 0 unless told otherwise."""
     options = {"optimizer": optax.sgd(0.1), "steps": 5, "key": jax.random.key(0), "progress": False}
-    return ppl.fit(objective, {"loc": jnp.array(0.0)}, *args, **options | kwargs)
+    return ppl.fit(objective, {"loc": jnp.array(0.0)} if params is None else params, *args, **options | kwargs)
 
 
 # -- argument errors ------------------------------------------------------------------------------
@@ -149,16 +150,7 @@ def fit_into_a_sqrt(skip_nonfinite):
     params = {"net": {"a": jnp.array(0.25)}, "b": jnp.array(1.0)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        params, losses = ppl.fit(
-            into_a_sqrt,
-            params,
-            optimizer=optax.sgd(0.1),
-            steps=10,
-            key=jax.random.key(0),
-            chunk_size=4,
-            progress=False,
-            skip_nonfinite=skip_nonfinite,
-        )
+        params, losses = run_fit(into_a_sqrt, params=params, steps=10, chunk_size=4, skip_nonfinite=skip_nonfinite)
     return params, losses, [str(w.message) for w in caught]
 
 
