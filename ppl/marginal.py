@@ -6,8 +6,9 @@ PLDI 2024).
 site summed out exactly (each must have a finite support): `ppl.density(m)(z, *args)` is
 log sum_u p(z, u) (deterministic, differentiated by JAX), `ppl.sim(m)(*args)` a draw of z with that
 exact log density. Plates cost linear time in their size, `lax.scan` chains the forward algorithm
-(see `transforms.exact`). `m.marginals(z, *args)`, `m.map(z, *args)` give the posterior over the
-summed-out sites (marginals; the most probable assignment, the Viterbi path in a scan).
+(see `transforms.exact`). `m.marginals(z, *args)`, `m.map(z, *args)` and `m.sample(key, z, *args)`
+give the posterior over the summed-out sites: marginals, the most probable assignment (the Viterbi
+path in a scan), exact joint draws (forward filtering, backward sampling in a scan).
 
     hmm = ppl.marginal(model, keep=[], algorithm=ppl.exact())
     log_lik = ppl.density(hmm)({}, params, x)                 # the forward algorithm
@@ -154,6 +155,12 @@ class ExactMarginal:
         axis over its support values (in `enumerate_support` order)."""
         closed, flat_args, _ = self.gen_fn.stage(*args)
         return nest_choices(exact_elimination.posterior(closed, flat_args, self._given(choices)))
+
+    def sample(self, key, choices, *args):
+        """{address: value}: one exact draw of the summed-out sites from their posterior given
+        `choices` (forward filtering, backward sampling in a scan), as Pyro's `infer_discrete`."""
+        closed, flat_args, _ = self.gen_fn.stage(*args)
+        return nest_choices(exact_elimination.sample(closed, flat_args, self._given(choices), key))
 
     def map(self, choices, *args):
         """{address: value} of the most probable joint assignment of the summed-out sites given

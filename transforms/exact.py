@@ -2,6 +2,8 @@
 
     log_marginal(closed, args, given)            -> log sum_u p(given, u)
     log_marginal(closed, args, given, MAX)       -> log max_u p(given, u)
+    posterior(closed, args, given[, MAX])        -> {address: marginals (or the most probable values)}
+    sample(closed, args, given, key)             -> {address: a draw from p(u | given)}
 
 Every site whose value is neither given nor observed is summed out (it must have a finite
 support). The program is evaluated once over all *worlds*, as in `transforms.adev`: a summed-out
@@ -149,10 +151,11 @@ def _observed_addresses(jaxpr):
 class _Eliminator:
     """Evaluates a jaxpr over worlds, collecting the factors of its sites (see module docstring)."""
 
-    def __init__(self, given, semiring, offsets):
-        self.given, self.semiring, self.offsets = given, semiring, offsets
+    def __init__(self, given, semiring, offsets, record=False):
+        self.given, self.semiring, self.offsets, self.record = given, semiring, offsets, record
         self.factors, self.axes = [], {}
         self.summed = {}  # {address: Summed}
+        self.chains = []  # with `record`: a _ChainRecord per scan, for sampling
 
     def new_axis(self, address, size, elements):
         axis = len(self.axes)
@@ -253,11 +256,16 @@ class _Eliminator:
             self.summed[address] = Summed((length,) + s.offset_shape, s.support_axis + 1, s.support)
 
         def one_world(ds):
-            log_z, outs = chain.forward(_primals(ds), structure)
-            return Dual(log_z), [Dual(o) for o in outs]
+            log_z, outs, filtered = chain.forward(_primals(ds), structure, self.record)
+            return Dual(log_z), [Dual(o) for o in outs], [Dual(f) for f in filtered]
 
-        log_z, outs = _per_world(ins, one_world)
+        log_z, outs, filtered = _per_world(ins, one_world)
         self.factors.append(_Factor(log_z.primal, log_z.worlds, structure.elements, structure.scale, ("scan",)))
+        if self.record:
+            if set(structure.summed) != set(structure.addresses):
+                raise NotImplementedError(f"sampling the sites of a scan inside a scan ({_listed(structure.summed)})")
+            records = [f.primal for f in filtered]  # all led by the same world axes
+            self.chains.append(_ChainRecord(structure, filtered[0].worlds, *records, p["reverse"]))
         outs = iter(outs)
         return [
             _Poisoned(structure.addresses) if i in structure.poisoned else next(outs) for i in range(len(eqn.outvars))
@@ -277,6 +285,7 @@ class _Structure(NamedTuple):
     scale: float
     addresses: tuple
     summed: dict
+    sizes: tuple  # support sizes of the sites in `addresses` (the state is their joint value)
 
 
 class _Chain:
@@ -345,11 +354,14 @@ class _Chain:
         size = math.prod(ax.size for ax in axes.values())
         poisoned = frozenset(i for i in depends if i >= self.nk) | state
         scale = scales.pop() if scales else 1.0
-        return _Structure(state, poisoned, size, elements, scale, addresses, elim.summed)
+        sizes = tuple(ax.size for ax in axes.values())
+        return _Structure(state, poisoned, size, elements, scale, addresses, elim.summed, sizes)
 
-    def forward(self, ins, structure):
+    def forward(self, ins, structure, record=False):
         """(log of the chain's total (or max) weight, per element; the scan's outputs that do not
-        depend on the state) for inputs without worlds."""
+        depend on the state; with `record` the filtering record [each step's incoming log alpha
+        (T, S) + elements, its table (T, S, S) + elements, the final log alpha], else []) for
+        inputs without worlds."""
         consts, init, xs = ins[: self.nc], ins[self.nc : self.nc + self.nk], ins[self.nc + self.nk :]
         size, elements, semiring = structure.size, structure.elements, self.outer.semiring
         addresses = structure.addresses
@@ -363,6 +375,7 @@ class _Chain:
             for f in elim.factors:
                 table = table + _on_axes(f, elim.axes, axes, elements)
             table = jnp.broadcast_to(table, tuple(n for _, n in axes) + elements).reshape((size, size) + elements)
+            filtered = [alpha, table] if record else []
             alpha = semiring.sum(alpha[:, None] + table, 0)
             prev, free, ys = list(carry[1]), list(carry[2]), []
             for i, o in enumerate(outs):
@@ -376,17 +389,17 @@ class _Chain:
                     free[i] = o.primal
                 elif i not in structure.poisoned:
                     ys.append(o.primal)
-            return (alpha, prev, free), ys
+            return (alpha, prev, free), (ys, filtered)
 
         alpha = jnp.full((size,) + elements, -jnp.inf, jnp.result_type(float)).at[0].set(0.0)
         prev = [jnp.broadcast_to(c, (size,) + jnp.shape(c)) if i in structure.state else c for i, c in enumerate(init)]
         x = (xs, self.reads, self.offsets)
-        (alpha, _, free), ys = lax.scan(
+        (alpha, _, free), (ys, filtered) = lax.scan(
             step, (alpha, prev, list(init)), x, length=self.length, reverse=self.eqn.params["reverse"]
         )
         log_z = semiring.sum(alpha, 0)
         outs = [free[i] for i in range(self.nk) if i not in structure.state] + list(ys)
-        return log_z, outs
+        return log_z, outs, filtered + [alpha] if record else []
 
 
 def _on_axes(factor, axes, wanted, elements):
@@ -405,8 +418,12 @@ def _on_axes(factor, axes, wanted, elements):
     return x.reshape(tuple(have.get(a, 1) for a, _ in wanted) + x.shape[len(factor.worlds) :])
 
 
-def _eliminate(factors, axes, semiring):
-    """Sum (or max) every world axis out of the factors; returns the log total."""
+def _eliminate(factors, axes, semiring, tables=None):
+    """Sum (or max) every world axis out of the factors; returns the log total. With `tables` (a
+    dict), records there what sampling needs: "plates", a list of (world axes, table over them and
+    the plate's elements), and "global", (world axes, the joint table of the remaining ones)."""
+    if tables is not None:
+        tables["plates"] = []
     by_plate, rest = {}, []
     for f in factors:
         plate = {axes[a].elements for a, _ in f.worlds if axes[a].elements}
@@ -434,6 +451,8 @@ def _eliminate(factors, axes, semiring):
             for f in group
         )
         summed = tuple(i for i, (a, _) in enumerate(wanted) if axes[a].elements)
+        if tables is not None:
+            tables["plates"].append((wanted, table, elements))
         reduced = semiring.sum(table, summed) * scales.pop()
         kept = tuple(w for w in wanted if not axes[w[0]].elements)
         reduced = jnp.sum(reduced, axis=tuple(range(len(kept), reduced.ndim)))
@@ -443,7 +462,75 @@ def _eliminate(factors, axes, semiring):
     for f in rest:
         x = jnp.sum(f.log_prob, axis=tuple(range(len(f.worlds), jnp.ndim(f.log_prob))))
         total = total + _expand(x * f.scale if f.scale != 1.0 else x, f.worlds, wanted)
+    if tables is not None:
+        tables["global"] = (wanted, total)
     return semiring.sum(total, tuple(range(len(wanted)))) if wanted else total
+
+
+# -- exact posterior samples ------------------------------------------------------------------------
+
+
+class _ChainRecord(NamedTuple):
+    """What a chain's forward pass leaves for sampling, led by the outer world axes `worlds`."""
+
+    structure: _Structure
+    worlds: tuple
+    alphas: object  # (T, S) + elements: the log alpha entering each step
+    tables: object  # (T, S, S) + elements: each step's log factors (previous state, state)
+    final: object  # (S,) + elements
+    reverse: bool
+
+
+def sample(closed, args, given, key):
+    """{address: value}: one draw of all the summed-out sites from their exact joint posterior
+    given `given` (scan sites stacked), in reverse order of elimination: the sites with one
+    coordinate jointly, then each plate's elements given them, then each chain by backward
+    sampling from its forward pass (forward filtering, backward sampling)."""
+    elim = _Eliminator(given, SUM, {}, record=True)
+    elim.run(closed.jaxpr, closed.consts, [Dual(a) for a in args])
+    tables = {}
+    _eliminate(elim.factors, elim.axes, SUM, tables)
+    keys = iter(jax.random.split(key, 1 + len(tables["plates"]) + len(elim.chains)))
+    index = {}  # world axis -> sampled support index (one per element for a plate's axis)
+    wanted, total = tables["global"]
+    _draw(next(keys), total, wanted, (), index)
+    for wanted, table, elements in tables["plates"]:
+        at = tuple(slice(None) if elim.axes[a].elements else index[a] for a, _ in wanted)
+        _draw(next(keys), table[at], [w for w in wanted if elim.axes[w[0]].elements], elements, index)
+    values = {elim.axes[a].address: elim.summed[elim.axes[a].address].support[i] for a, i in index.items()}
+    for chain in elim.chains:
+        at = tuple(index[a] for a, _ in chain.worlds)
+        states = _backward_sample(next(keys), chain.alphas[at], chain.tables[at], chain.final[at], chain.reverse)
+        s = chain.structure
+        for address, i in zip(s.addresses, jnp.unravel_index(states, s.sizes)):
+            values[address] = s.summed[address].support[i]
+    return values
+
+
+def _draw(key, table, wanted, elements, index):
+    """Draw the joint index of the world axes `wanted` from the log weights `table` (their sizes,
+    then `elements`: one draw per element), into `index`."""
+    if not wanted:
+        return
+    sizes = tuple(n for _, n in wanted)
+    flat = jax.random.categorical(key, table.reshape((-1,) + elements), axis=0)
+    for (a, _), i in zip(wanted, jnp.unravel_index(flat, sizes)):
+        index[a] = i
+
+
+def _backward_sample(key, alphas, tables, final, reverse):
+    """The states of a chain, (T,) + elements, from its forward pass: the last from the final
+    alpha, each earlier one given the next from alpha(previous) + table(previous, next)."""
+    keys = jax.random.split(key, alphas.shape[0] + 1)
+    last = jax.random.categorical(keys[0], final, axis=0)
+
+    def back(state, x):
+        alpha, table, k = x
+        column = jnp.take_along_axis(table, state[None, None], axis=1)[:, 0]
+        return jax.random.categorical(k, alpha + column, axis=0), state
+
+    _, states = lax.scan(back, last, (alphas, tables, keys[1:]), reverse=not reverse)
+    return states
 
 
 def _support(site):

@@ -42,6 +42,7 @@ def gmm_with_plate_context(params, x):
 
 
 MU = jnp.array([-3.0, 0.5, 4.0])
+SHIFTS = jnp.array([-1.5, 1.5])  # the two components' offsets in the two-component mixtures below
 
 
 def test_a_mixture_marginal_equals_brute_force_over_every_assignment():
@@ -167,10 +168,54 @@ def test_a_plate_of_sequences_sums_each_chain_on_its_own():
     np.testing.assert_allclose(np.asarray(marginals[:, 2]), np.asarray(hmm.posterior_marginals(xs[2])), atol=1e-5)
 
 
+def _path_frequencies(paths, draws):
+    """The fraction of `draws` (n, T) equal to each of `paths` (m, T)."""
+    return jnp.mean(jnp.all(draws[:, None, :] == paths[None], axis=-1), axis=0)
+
+
+def test_backward_sampling_draws_whole_paths_from_the_exact_posterior():
+    x, _ = _three_state_data(5, seed=2)
+    assess = jax.jit(jax.vmap(lambda z: hmm.learned_model.assess({"z": z}, TRUE_3, x)[0]))
+    paths = jnp.array(list(itertools.product(range(3), repeat=5)))
+    posterior = np.asarray(jnp.exp(assess(paths) - logsumexp(assess(paths))))
+    marginal = hmm.exact_marginal(hmm.learned_model)
+    n = 20_000
+    draws = jax.jit(jax.vmap(lambda k: marginal.sample(k, {}, TRUE_3, x)["z"]))(jax.random.split(jax.random.key(3), n))
+    se = np.sqrt(posterior * (1 - posterior) / n) + 1e-4
+    assert np.all(np.abs(np.asarray(_path_frequencies(paths, draws)) - posterior) < 5 * se)
+    # negative control: each state drawn from its own marginal gives the right marginals but not the paths
+    probs = marginal.marginals({}, TRUE_3, x)["z"]
+    keys = jax.random.split(jax.random.key(4), n)
+    independent = jax.vmap(lambda k: jax.random.categorical(k, jnp.log(probs), axis=-1))(keys)
+    assert not np.all(np.abs(np.asarray(_path_frequencies(paths, independent)) - posterior) < 5 * se)
+
+
+@ppl.gen
+def switching_mixture(params, x):
+    """c ~ Bernoulli(0.5) for all points; z_i ~ Bernoulli(0.3); x_i ~ N((1 + c) SHIFTS[z_i], 1)."""
+    c = ppl.sample("c", dist.Bernoulli(0.5))
+    with ppl.plate("data", x.shape[0]):
+        z = ppl.sample("z", dist.Bernoulli(0.3))
+        ppl.sample("x", dist.Normal((1.0 + c) * SHIFTS[z], 1.0), obs=x)
+
+
+def test_a_site_shared_by_a_plate_is_summed_and_sampled_jointly_with_it():
+    x = jnp.array([-2.5, 0.4, 3.1])
+    assess = jax.jit(lambda c, z: switching_mixture.assess({"c": c, "z": z}, None, x)[0])
+    configs = [(c, z) for c in range(2) for z in itertools.product(range(2), repeat=3)]
+    log_ps = jnp.array([assess(c, jnp.array(z)) for c, z in configs])
+    marginal = _exact(switching_mixture)
+    np.testing.assert_allclose(float(ppl.density(marginal)({}, None, x)), float(logsumexp(log_ps)), rtol=1e-6)
+    posterior = np.asarray(jnp.exp(log_ps - logsumexp(log_ps)))
+    n = 20_000
+    draws = jax.jit(jax.vmap(lambda k: marginal.sample(k, {}, None, x)))(jax.random.split(jax.random.key(5), n))
+    as_rows = jnp.concatenate([draws["c"][:, None], draws["z"]], axis=1)
+    rows = jnp.array([[c, *z] for c, z in configs])
+    se = np.sqrt(posterior * (1 - posterior) / n) + 1e-4
+    assert np.all(np.abs(np.asarray(_path_frequencies(rows, as_rows)) - posterior) < 5 * se)
+
+
 # -- inside objectives ---------------------------------------------------------------------------------
-
-SHIFTS = jnp.array([-1.5, 1.5])
-
 
 @ppl.gen
 def shifted_mixture(params, x):
