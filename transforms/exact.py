@@ -16,7 +16,8 @@ then sums the factors out:
 - A site with several independent coordinates (under `jax.vmap`, a `ppl.plate` or a plate
   context) gets one world axis *per element* (value v in world v, element by element), as Pyro's
   plates do: the factors that read it must have the same elements, and each element is summed out
-  on its own, so the cost is linear in the plate size. Like Pyro, this assumes the plate's
+  on its own, so the cost is linear in the plate size; nested plates are summed inside out
+  (Pyro's tensor variable elimination). Like Pyro, this assumes the plate's
   elements are conditionally independent: a factor whose elements differ from the plate's is
   refused, but one that reads another element's value (a reversed or rolled copy) cannot be told
   from one that does not.
@@ -419,52 +420,70 @@ def _on_axes(factor, axes, wanted, elements):
 
 
 def _eliminate(factors, axes, semiring, tables=None):
-    """Sum (or max) every world axis out of the factors; returns the log total. With `tables` (a
-    dict), records there what sampling needs: "plates", a list of (world axes, table over them and
-    the plate's elements), and "global", (world axes, the joint table of the remaining ones)."""
+    """Sum (or max) every world axis out of the factors; returns the log total. Plates go first,
+    innermost (most elements) first: a plate's axes are summed out per element, and the result,
+    summed over the elements the next plate out does not have, joins that plate's factors. With
+    `tables` (a dict), records there what sampling needs: "plates", a list of (world axes, the
+    table over them and the plate's elements, those elements) in elimination order, and "global",
+    (world axes, the joint table of the sites with one coordinate)."""
     if tables is not None:
         tables["plates"] = []
-    by_plate, rest = {}, []
-    for f in factors:
-        plate = {axes[a].elements for a, _ in f.worlds if axes[a].elements}
-        if not plate:
-            rest.append(f)
-            continue
-        if len(plate) > 1:
-            raise NotImplementedError(
-                f"the site '{format_address(f.address)}' reads values summed out in plates of different sizes "
-                f"{sorted(plate)}: exact sums over nested plates are not supported"
-            )
-        (elements,) = plate
-        if f.elements != elements:
-            raise NotImplementedError(_mismatch(f, elements))
-        by_plate.setdefault(elements, []).append(f)
-    for elements, group in by_plate.items():
-        scales = {f.scale for f in group}
+    factors = [_in_plate(f, axes) for f in factors]
+    while True:
+        plates = {axes[a].elements for f in factors for a, _ in f.worlds if axes[a].elements}
+        if not plates:
+            break
+        inner = max(plates, key=len)
+        group = [f for f in factors if f.elements == inner and any(axes[a].elements == inner for a, _ in f.worlds)]
+        factors = [f for f in factors if not any(f is g for g in group)]
+        scales = {f.scale for f in group if f.scale is not None}
         if len(scales) > 1:
             raise NotImplementedError(
                 f"the sites {_listed(f.address for f in group)} of one plate have different scales"
             )
         wanted = _world_axes([Dual(None, None, f.worlds) for f in group])
         table = sum(
-            jnp.broadcast_to(_expand(f.log_prob, f.worlds, wanted), tuple(n for _, n in wanted) + elements)
-            for f in group
+            jnp.broadcast_to(_expand(f.log_prob, f.worlds, wanted), tuple(n for _, n in wanted) + inner) for f in group
         )
-        summed = tuple(i for i, (a, _) in enumerate(wanted) if axes[a].elements)
         if tables is not None:
-            tables["plates"].append((wanted, table, elements))
-        reduced = semiring.sum(table, summed) * scales.pop()
-        kept = tuple(w for w in wanted if not axes[w[0]].elements)
-        reduced = jnp.sum(reduced, axis=tuple(range(len(kept), reduced.ndim)))
-        rest.append(_Factor(reduced, kept, (), 1.0, group[0].address))
-    wanted = _world_axes([Dual(None, None, f.worlds) for f in rest])
+            tables["plates"].append((wanted, table, inner))
+        summed = tuple(i for i, (a, _) in enumerate(wanted) if axes[a].elements == inner)
+        reduced = semiring.sum(table, summed) * (scales.pop() if scales else 1.0)
+        kept = tuple(w for w in wanted if axes[w[0]].elements != inner)
+        outer = max((axes[a].elements for a, _ in kept), key=len, default=())
+        leading = tuple(range(len(kept), len(kept) + len(inner) - len(outer)))
+        factors.append(_Factor(jnp.sum(reduced, axis=leading), kept, outer, None, group[0].address))
+    wanted = _world_axes([Dual(None, None, f.worlds) for f in factors])
     total = jnp.zeros(tuple(n for _, n in wanted), jnp.result_type(float))
-    for f in rest:
+    for f in factors:
         x = jnp.sum(f.log_prob, axis=tuple(range(len(f.worlds), jnp.ndim(f.log_prob))))
-        total = total + _expand(x * f.scale if f.scale != 1.0 else x, f.worlds, wanted)
+        total = total + _expand(x * f.scale if f.scale not in (None, 1.0) else x, f.worlds, wanted)
     if tables is not None:
         tables["global"] = (wanted, total)
     return semiring.sum(total, tuple(range(len(wanted)))) if wanted else total
+
+
+def _in_plate(factor, axes):
+    """`factor` with the elements of the innermost plate whose summed-out values it reads: its
+    extra leading elements (a site in a plate nested inside that one) summed, as each of them
+    depends on the same plate element. Plates must nest (each one's elements end with the next
+    one out's, NumPyro's dims from the right); a factor with other elements is refused."""
+    plates = {axes[a].elements for a, _ in factor.worlds if axes[a].elements}
+    if not plates:
+        return factor
+    inner = max(plates, key=len)
+    if any(inner[len(inner) - len(e) :] != e for e in plates):
+        raise NotImplementedError(
+            f"the site '{format_address(factor.address)}' reads values summed out in plates that do not nest "
+            f"({sorted(plates)}): a plate's elements must end with those of every plate outside it"
+        )
+    extra = len(factor.elements) - len(inner)
+    if extra < 0 or factor.elements[extra:] != inner:
+        raise NotImplementedError(_mismatch(factor, inner))
+    if extra == 0:
+        return factor
+    leading = tuple(range(len(factor.worlds), len(factor.worlds) + extra))
+    return factor._replace(log_prob=jnp.sum(factor.log_prob, axis=leading), elements=inner)
 
 
 # -- exact posterior samples ------------------------------------------------------------------------
@@ -494,9 +513,9 @@ def sample(closed, args, given, key):
     index = {}  # world axis -> sampled support index (one per element for a plate's axis)
     wanted, total = tables["global"]
     _draw(next(keys), total, wanted, (), index)
-    for wanted, table, elements in tables["plates"]:
-        at = tuple(slice(None) if elim.axes[a].elements else index[a] for a, _ in wanted)
-        _draw(next(keys), table[at], [w for w in wanted if elim.axes[w[0]].elements], elements, index)
+    for wanted, table, elements in reversed(tables["plates"]):  # outermost first
+        table, free = _condition(table, wanted, index)
+        _draw(next(keys), table, free, elements, index)
     values = {elim.axes[a].address: elim.summed[elim.axes[a].address].support[i] for a, i in index.items()}
     for chain in elim.chains:
         at = tuple(index[a] for a, _ in chain.worlds)
@@ -505,6 +524,20 @@ def sample(closed, args, given, key):
         for address, i in zip(s.addresses, jnp.unravel_index(states, s.sizes)):
             values[address] = s.summed[address].support[i]
     return values
+
+
+def _condition(table, wanted, index):
+    """`table` (led by the world axes `wanted`, then elements) at the values already drawn for
+    some of them (an index per element of an outer plate, or one for all), and the other axes."""
+    for p in reversed(range(len(wanted))):
+        drawn = index.get(wanted[p][0])
+        if drawn is None:
+            continue
+        drawn = jnp.asarray(drawn)
+        drawn = drawn.reshape((1,) * (table.ndim - drawn.ndim) + drawn.shape)  # its elements are the last
+        drawn = jnp.broadcast_to(drawn, table.shape[:p] + (1,) + table.shape[p + 1 :])
+        table = jnp.take_along_axis(table, drawn, axis=p).squeeze(p)
+    return table, [w for w in wanted if w[0] not in index]
 
 
 def _draw(key, table, wanted, elements, index):

@@ -215,7 +215,38 @@ def test_a_site_shared_by_a_plate_is_summed_and_sampled_jointly_with_it():
     assert np.all(np.abs(np.asarray(_path_frequencies(rows, as_rows)) - posterior) < 5 * se)
 
 
+@ppl.gen
+def nested_plates(params, x, y):
+    """Groups i < N, members j < M: z_i ~ Categorical, w_ij ~ Bernoulli(sigmoid(z_i - 1)),
+    x_ij ~ N(z_i + 2 w_ij, 1), y_ij ~ N(z_i, 1) (x, y of shape (M, N))."""
+    members, groups = x.shape
+    with ppl.plate("groups", groups):
+        z = ppl.sample("z", dist.Categorical(probs=jnp.array([0.5, 0.3, 0.2])))
+        with ppl.plate("members", members):
+            w = ppl.sample("w", dist.Bernoulli(jax.nn.sigmoid(z - 1.0)))
+            ppl.sample("x", dist.Normal(z + 2.0 * w, 1.0), obs=x)
+            ppl.sample("y", dist.Normal(z, 1.0), obs=y)
+
+
+def test_nested_plates_are_summed_inside_out_and_sampled_outside_in():
+    x = jnp.array([[0.2, 2.9], [2.1, 1.2]])
+    y = jnp.array([[0.1, 1.8], [-0.3, 2.2]])
+    assess = jax.jit(lambda z, w: nested_plates.assess({"z": z, "w": w}, None, x, y)[0])
+    configs = [(z, w) for z in itertools.product(range(3), repeat=2) for w in itertools.product(range(2), repeat=4)]
+    log_ps = jnp.array([assess(jnp.array(z), jnp.array(w).reshape(2, 2)) for z, w in configs])
+    marginal = _exact(nested_plates)
+    np.testing.assert_allclose(float(ppl.density(marginal)({}, None, x, y)), float(logsumexp(log_ps)), rtol=1e-6)
+    posterior = np.asarray(jnp.exp(log_ps - logsumexp(log_ps)))
+    n = 20_000
+    draws = jax.jit(jax.vmap(lambda k: marginal.sample(k, {}, None, x, y)))(jax.random.split(jax.random.key(6), n))
+    as_rows = jnp.concatenate([draws["z"], draws["w"].reshape(n, 4)], axis=1)
+    rows = jnp.array([[*z, *w] for z, w in configs])
+    se = np.sqrt(posterior * (1 - posterior) / n) + 1e-4
+    assert np.all(np.abs(np.asarray(_path_frequencies(rows, as_rows)) - posterior) < 5 * se)
+
+
 # -- inside objectives ---------------------------------------------------------------------------------
+
 
 @ppl.gen
 def shifted_mixture(params, x):
