@@ -8,6 +8,7 @@ from ppl import autoguide, diagnostics, dist, objectives
 from ppl.choicemap import ChoiceMap, Trace
 from ppl.expectation import Expectation, density, expectation, sim
 from ppl.gen import GenerativeFunction, gen, plate, sample, scale, scan, vmap, with_estimators
+from ppl.inference_data import log_likelihood, to_inference_data
 from ppl.marginal import exact, marginal, normalize, sir
 from ppl.params import Constrained, constrain, constrained
 from ppl.predictive import predictive
@@ -35,6 +36,7 @@ __all__ = [
     "expectation",
     "fit",
     "gen",
+    "log_likelihood",
     "marginal",
     "mvd",
     "normalize",
@@ -49,6 +51,7 @@ __all__ = [
     "sim",
     "sir",
     "svi",
+    "to_inference_data",
     "vmap",
     "with_estimators",
 ]

@@ -5,7 +5,7 @@ dicts from address tuples to values.
 
     simulate(closed, args, key)            -> (outs, choices, score)
     assess(closed, args, choices)          -> (score, outs)
-    site_scores(closed, args, choices)     -> {address: log density}
+    site_scores(closed, args, choices)     -> {address: log density} (or per element)
     generate(closed, args, key, constraints) -> (outs, choices, score, weight)
     staged_simulate(closed, args)          -> (outs, choices, score)   # re-emits the sites
     staged_generate(closed, args, constraints, weigh) -> (outs, choices, weight)
@@ -90,7 +90,8 @@ class _StagedGenerate:
 
 class _Assess:
     """Reads every site's choice and sums log densities; with `record`, also writes each site's
-    (scaled) log density at its address."""
+    (scaled) log density at its address, or with `record="elements"` its unscaled log density
+    per element (`Site.log_prob_elements`)."""
 
     def __init__(self, record=False):
         self.record = record
@@ -100,6 +101,8 @@ class _Assess:
             raise KeyError(f"no value for address '{site.name}': assess/density needs a choice for every site")
         read = _conform(site, read)
         lp = site.log_prob(read, given=True)
+        if self.record == "elements":
+            return read, score + lp, site.log_prob_elements(read, given=True)
         return read, score + lp, lp if self.record else None
 
 
@@ -176,12 +179,12 @@ def assess(closed, args, choices):
     return score, outs
 
 
-def site_scores(closed, args, choices):
-    """{address: log density of its value} (values inside a scan are per step)."""
+def site_scores(closed, args, choices, per_element=False):
+    """{address: log density of its value} (values inside a scan are per step); with
+    `per_element`, unscaled and one per element of the site (its batch shape)."""
     check_known(closed, choices, "the choices")
-    _, _, scores = interpreter.run(
-        closed.jaxpr, closed.consts, args, _Assess(record=True), _score_zero(), _as_arrays(choices)
-    )
+    handler = _Assess(record="elements" if per_element else True)
+    _, _, scores = interpreter.run(closed.jaxpr, closed.consts, args, handler, _score_zero(), _as_arrays(choices))
     return scores
 
 
