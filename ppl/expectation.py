@@ -17,6 +17,7 @@ gradient of the expected value is estimated (see `transforms.adev`).
 import jax
 import jax.numpy as jnp
 
+from ppl import leaves
 from ppl.choicemap import nest_choices
 from ppl.gen import GenerativeFunction, stage
 from transforms import adev, gfi
@@ -81,16 +82,17 @@ class Expectation:
         d/d args[argnums] E[objective]."""
         nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
         _check_differentiable(args, nums)
-        closed, flat = self.stage(*args)
+        closed, _ = self.stage(*args)
         f = adev.estimator_fn(closed)
+        parts = [leaves.partition(args[i], leaves.is_array) for i in nums]  # static leaves are not differentiated
 
         def of(diff):
             full = list(args)
-            for i, d in zip(nums, diff):
-                full[i] = d
-            return f(key, *jax.tree_util.tree_leaves(full))
+            for i, d, (_, static) in zip(nums, diff, parts):
+                full[i] = leaves.combine(d, static)
+            return f(key, *leaves.array_leaves(full))
 
-        value, grads = jax.value_and_grad(of)(tuple(args[i] for i in nums))
+        value, grads = jax.value_and_grad(of)(tuple(arrays for arrays, _ in parts))
         return value, grads[0] if isinstance(argnums, int) else grads
 
     def grad_estimate(self, key, *args, argnums=0):
@@ -102,12 +104,13 @@ class Expectation:
 
 
 def _check_differentiable(args, nums):
-    """Raise unless every `args[i]`, i in `nums`, exists and has only floating-point leaves."""
+    """Raise unless every `args[i]`, i in `nums`, exists and has only floating-point array leaves
+    (other leaves, such as a module's functions, are passed through)."""
     for i in nums:
         if not isinstance(i, int) or not -len(args) <= i < len(args):
             raise ValueError(f"argnums={nums}: the objective was called with {len(args)} argument(s) after the key")
         for path, leaf in jax.tree_util.tree_leaves_with_path(args[i]):
-            if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            if leaves.is_array(leaf) and not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
                 where = f"args[{i}]{jax.tree_util.keystr(path)}"
                 raise TypeError(
                     f"cannot differentiate with respect to {where} = {leaf!r}: differentiated arguments need "

@@ -27,7 +27,7 @@ import numpyro
 import numpyro.distributions as nd
 from jax import lax
 
-from ppl import plates
+from ppl import leaves, plates
 from ppl.choicemap import Trace, flatten_choices, nest_choices
 from transforms import checks, gfi, interpreter
 from transforms.estimators import Estimator
@@ -77,11 +77,14 @@ class GenerativeFunction:
 
 
 def stage(fn, args, unique_addresses=True):
-    """Stage `fn(*args)` to a ClosedJaxpr, checking that addresses are unique (an objective's
-    sites need not be: it may draw from the same guide twice)."""
-    flat = jax.tree_util.tree_leaves(args)
+    """Stage `fn(*args)` to a ClosedJaxpr whose inputs are the array leaves of `args` (returned
+    flat); other leaves (an Equinox module's activation function) are closed over. Checks that
+    addresses are unique (an objective's sites need not be: it may draw from the same guide twice)."""
+    arrays, static = leaves.partition(args, leaves.is_array)
+    flat = jax.tree_util.tree_leaves(arrays)
+    with_static = lambda arrays: fn(*leaves.combine(arrays, static))
     with numpyro.validation_enabled(False):  # the sites check parameters, naming their addresses
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        closed, out_shape = jax.make_jaxpr(with_static, return_shape=True)(arrays)
     if unique_addresses:
         interpreter.check_unique_addresses(closed.jaxpr)
     return closed, flat, jax.tree_util.tree_structure(out_shape)

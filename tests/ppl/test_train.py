@@ -473,12 +473,6 @@ def mlp_guide(net, x):
     ppl.sample("z", dist.Normal(out[:, 0], jnp.exp(out[:, 1])))
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=True,
-    reason="ppl.gen.stage hands every argument leaf to jax.make_jaxpr, so a generative function cannot take "
-    "a module with a function leaf as an argument (train.py filters only the objective's params)",
-)
 def test_a_guide_may_take_the_module_as_an_argument():
     @ppl.expectation
     def elbo(net, x):
