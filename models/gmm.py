@@ -7,9 +7,8 @@ with known, uniform mixture weights. The guide is q(mu) = prod_k N(mu_k; m_k, s_
 assignment sites drawn under `jax.vmap` (a plate). The assignment site admits every discrete
 estimator of `ppl`; `estimators()` lists the four compared here:
 
-- `ppl.enum()`: for the N independent coordinates of the plate, local expectation gradients
-  (each coordinate's derivative summed over its K values, the others at their draws;
-  Titsias & Lázaro-Gredilla, 2015);
+- `ppl.enum()`: the ELBO is additive over the plate's N coordinates, so each is summed over its
+  K values exactly (given the draw of the means), value and gradient;
 - `ppl.reinforce()`: the score-function estimator (Williams, 1992);
 - `ppl.reinforce(baseline=b)`: with a constant baseline b (here a mean ELBO estimate);
 - `ppl.mvd()`: measure-valued derivatives (Pflug, 1989; Mohamed et al., 2020).

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from transforms import compat, estimators
+from transforms import compat, estimators, plate_sums
 from transforms.interpreter import live_eqns, site_avals, unsupported
 from transforms.primitives import Site, eqn_contains_sample, format_address, sample_p, typed_key
 
@@ -110,16 +110,20 @@ class Interpreter:
     """Dual interpreter; `primal_only` evaluates without tangents (every site just samples);
     `scope` names the enclosing scan/cond body where only local rules may run (None at top);
     `worlds` holds the support sizes of the enumerated sites on the path so far (world axes
-    `base`, `base + 1`, ...); the world axes before `base` are fixed at `coords` (see `per_world_rule`)."""
+    `base`, `base + 1`, ...); the world axes before `base` are fixed at `coords` (see `per_world_rule`).
+    `collapse` maps equations (by id) that sum a plate's enumerated elements to the site's
+    probabilities (see `split_plate`); `top` is the program's top-level equations and output."""
 
-    def __init__(self, primal_only=False, scope=None, worlds=(), base=0, coords=None):
+    def __init__(self, primal_only=False, scope=None, worlds=(), base=0, coords=None, collapse=None, top=None):
         self.primal_only, self.scope, self.worlds = primal_only, scope, worlds
         self.base, self.coords = base, coords or {}
+        self.collapse, self.top = collapse or {}, top
 
     def derived(self, **changes):
-        """An interpreter like this one with some of primal_only, scope and worlds changed."""
+        """An interpreter like this one with some of primal_only, scope, worlds and collapse changed."""
         fields = {"primal_only": self.primal_only, "scope": self.scope, "worlds": self.worlds, **changes}
-        return Interpreter(**fields, base=self.base, coords=self.coords)
+        fields.setdefault("collapse", self.collapse)
+        return Interpreter(**fields, base=self.base, coords=self.coords, top=self.top)
 
     def run(self, eqns, i, env, state, k):
         """Evaluate eqns[i:] then call k(env, state, interpreter); returns what k (or a rule)
@@ -133,6 +137,8 @@ class Interpreter:
             if eqn.primitive is sample_p:
                 return self.site(eqns, i, eqn, duals, env, state, k)
             if not eqn_contains_sample(eqn):
+                for q, dims in self.collapse.get(id(eqn), ()):
+                    duals = [_expected(duals[0], q, dims)] + duals[1:]
                 outs = self.jvp_eqn(eqn, duals)
             elif eqn.primitive.name in compat.INLINE_CALLS:
                 return self.inline(eqns, i, eqn, duals, env, state, k)
@@ -214,6 +220,13 @@ class Interpreter:
         estimator = None if first.observed or self.primal_only else self.estimator(first)
         if estimator is not None and estimator.splits(first):
             return self.split(eqns, i, eqn, first, duals, worlds, estimator, env, state, k)
+        if isinstance(estimator, estimators.Enum) and not worlds and self.top is not None:
+            top_eqns, out_var = self.top
+            points = eqns is top_eqns and plate_sums.collapse_points(
+                eqns, i + 1, eqn.outvars[0], first.value_shape, out_var
+            )
+            if points:
+                return self.split_plate(eqns, i, eqn, first, estimator, points, env, state, k)
         key, site_key = (state.key, None) if first.observed else jax.random.split(state.key)
 
         def go(value, value_tangent=None, score=None, baseline=None, value_worlds=()):
@@ -276,6 +289,30 @@ class Interpreter:
         tangent = None if tangent is None else jnp.sum(tangent, rank)
         return jnp.sum(p * primals, rank), tangent
 
+    def split_plate(self, eqns, i, eqn, first, estimator, points, env, state, k):
+        """Exact enumeration of a site with several coordinates whose continuation is additive
+        over them (`transforms.plate_sums`): one world axis whose world v holds every coordinate
+        at v, read coordinate by coordinate; at each equation that sums the coordinates' terms,
+        each term is first weighted by its coordinate's probability of v and the axis summed out
+        (E_q[sum_e f_e(z_e)] = sum_e sum_v q_e(v) f_e(v)), so the result does not vary over the axis."""
+        values = estimator.support(first)  # (m,) + value shape: every coordinate at each value
+        m = values.shape[0]
+        probs = lambda ls: jnp.exp(jax.vmap(lambda v: first.log_prob_elements(v, ls))(values))
+        p, dp = first.jvp_leaves(probs)
+        rank = len(self.worlds)
+        worlds = ((self.base + rank, m),)
+        q = Dual(p, dp, worlds)
+        collapse = dict(self.collapse)
+        for e, dims in points.items():  # a sum may run over the coordinates of several such sites
+            collapse[e] = collapse.get(e, ()) + ((q, dims),)
+        children = self.derived(worlds=self.worlds + (m,), collapse=collapse)
+        key, _ = jax.random.split(state.key)
+        grow = lambda x: None if x is None else jnp.expand_dims(x, rank)
+        state = state._replace(key=key, score=grow(state.score), baseline=grow(state.baseline))
+        primals, tangents = children.run(eqns, i + 1, {**env, eqn.outvars[0]: Dual(values, None, worlds)}, state, k)
+        first_world = lambda x: None if x is None else jnp.take(x, 0, axis=rank)  # the same in every world
+        return first_world(primals), first_world(tangents)
+
     def per_world_rule(self, eqns, i, eqn, duals, env, state, k):
         """A forking rule (MVD, leave-one-out, enumeration of a batched site) after an exactly
         enumerated site: run it, and the rest of the program, once per world under `vmap` over the
@@ -284,7 +321,7 @@ class Interpreter:
 
         def one(world):
             coords = dict(zip(range(self.base, end), jnp.unravel_index(world, self.worlds)))
-            inner = Interpreter(self.primal_only, self.scope, (), end, {**self.coords, **coords})
+            inner = Interpreter(self.primal_only, self.scope, (), end, {**self.coords, **coords}, self.collapse)
             at = tuple(coords.values())
             fixed = state._replace(**{f: None if x is None else x[at] for f, x in zip(State._fields[1:], state[1:])})
             return inner.site(eqns, i, eqn, [inner.fix(d) for d in duals], env, fixed, k)
@@ -429,6 +466,27 @@ UNROLL_LIMIT = 32
 def _observed(site):
     """(value, tangent) of an observed site."""
     return site.jvp_leaves(site.observed_value)
+
+
+def _expected(d, q, dims):
+    """`d` (an operand of a sum over a plate's coordinates, at `dims` of its value) with each
+    coordinate's term weighted by its probability in `q` (led by the plate site's world axis) and
+    that axis summed out: sum_v q_e(v) d_e(v)."""
+    ((axis, m),) = q.worlds
+    rank = jnp.ndim(d.primal) - len(d.worlds)
+    shape = [1] * rank
+    for dim, size in zip(dims, q.primal.shape[1:]):
+        shape[dim] = size
+    weights = lambda x: (
+        None if x is None else _align(x.reshape((m,) + tuple(shape)), q.worlds, [a for a, _ in d.worlds])
+    )
+    p, dp = weights(q.primal), weights(q.tangent)
+    primal = d.primal * p
+    tangent = _add(None if d.tangent is None else d.tangent * p, None if dp is None else d.primal * dp)
+    at = [a for a, _ in d.worlds].index(axis)
+    return Dual(
+        jnp.sum(primal, at), None if tangent is None else jnp.sum(tangent, at), d.worlds[:at] + d.worlds[at + 1 :]
+    )
 
 
 def _add(a, b):
@@ -604,8 +662,9 @@ def dual_estimate(closed, key, args, tangents):
     env = _bind(jaxpr, closed.consts, [Dual(a, t) for a, t in zip(args, tangents)])
     dtype = jaxpr.outvars[0].aval.dtype
     zero = jnp.zeros((), dtype) if any(t is not None for t in tangents) else None
-    interp = Interpreter(primal_only=False)
-    return interp.run(live_eqns(jaxpr), 0, env, State(key, zero, zero), finish(jaxpr.outvars[0]))
+    eqns = live_eqns(jaxpr)
+    interp = Interpreter(primal_only=False, top=(eqns, jaxpr.outvars[0]))
+    return interp.run(eqns, 0, env, State(key, zero, zero), finish(jaxpr.outvars[0]))
 
 
 def check_objective(closed):

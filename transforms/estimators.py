@@ -168,9 +168,12 @@ class Enum(Estimator):
         return _coordinates(site) == 1
 
     def support(self, site):
-        """Every value of the site's support (leading axis)."""
-        support = families.unwrap(site.distribution).enumerate_support(expand=False)
-        return support.reshape((support.shape[0],) + site.value_shape).astype(site.value_dtype)
+        """Every value of the site's support (leading axis), each held by all its coordinates."""
+        support = families.unwrap(site.distribution).enumerate_support(expand=False).reshape(-1)
+        shape = site.value_shape
+        return jnp.broadcast_to(support.reshape((-1,) + (1,) * len(shape)), support.shape + shape).astype(
+            site.value_dtype
+        )
 
     def probs(self, site, values):
         """(p(value), its tangent or None) for each of `values`, the support in order."""
