@@ -4,8 +4,9 @@ Models and guides are generative functions (`@gen`, `sample`); objectives are pr
 (`@expectation` with `sim` and `density`) that ADEV turns into unbiased gradient estimators.
 """
 
-from ppl import autoguide, diagnostics, dist, objectives
+from ppl import autoguide, diagnostics, dist, distributed, objectives
 from ppl.choicemap import ChoiceMap, Trace
+from ppl.distributed import Sharding
 from ppl.expectation import Expectation, density, expectation, sim
 from ppl.gen import GenerativeFunction, gen, plate, sample, scale, scan, vmap, with_estimators
 from ppl.inference_data import log_likelihood, to_inference_data
@@ -24,6 +25,7 @@ __all__ = [
     "GenerativeFunction",
     "SVI",
     "SVIState",
+    "Sharding",
     "Trace",
     "autoguide",
     "constrain",
@@ -31,6 +33,7 @@ __all__ = [
     "density",
     "diagnostics",
     "dist",
+    "distributed",
     "enum",
     "exact",
     "expectation",

@@ -45,6 +45,9 @@ Design:
   L = diag(exp(log_diag)) + strictly-lower(lower). The guide reads only these entries, so a model's
   own parameters may live in the same dict; `param_key="guide"` nests the guide's entries under
   that key instead (the model receives the whole dict).
+- **Sites observed when the guide was built** stay outside it: called with the observation as
+  None (`obs=None`, for prediction), the site is latent in the model but no choice of the guide,
+  and holds 0 in the guide's program.
 - **Continuous latents only.** A discrete latent site raises `ValueError` naming its address.
 - **Scales are not copied.** The guide's log densities are unscaled whatever `ppl.scale` or a
   subsampled `ppl.plate` does to the model's: q is a distribution over the latents, and with
@@ -63,9 +66,9 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import Transform, biject_to
 
 from ppl.choicemap import flatten_choices, nest_choices
-from ppl.gen import GenerativeFunction
+from ppl.gen import GenerativeFunction, addresses_with
 from transforms import compat, interpreter
-from transforms.primitives import format_address, sample_p
+from transforms.primitives import format_address, sample_p, sample_site
 
 __all__ = ["AutoGuide", "LatentSite", "delta", "full_rank", "mean_field"]
 
@@ -141,14 +144,7 @@ def _contexts(jaxpr, context=()):
 
 def observed_addresses(jaxpr):
     """The addresses of the observed sites of an open jaxpr (at any depth)."""
-    found = set()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive is sample_p:
-            if eqn.params.get("observed", False):
-                found.add(eqn.params["address"])
-        for sub in compat.sub_jaxprs(eqn.params):
-            found |= observed_addresses(sub)
-    return found
+    return addresses_with(jaxpr, "observed")
 
 
 def _check_continuous(site):
@@ -164,20 +160,7 @@ def _check_continuous(site):
 def bind_site(address, distribution, scale=1.0):
     """Bind a site at `address` drawing from `distribution` (one unbatched draw; under `vmap` the
     batching rule adds the batch dimensions), its log density multiplied by `scale`."""
-    leaves, treedef = jax.tree_util.tree_flatten((distribution, None))
-    leaves = [jnp.asarray(leaf) for leaf in leaves]
-    sample = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)[0].sample(jax.random.key(0))
-    draw = jax.eval_shape(sample, leaves)
-    return sample_p.bind(
-        *leaves,
-        address=tuple(address),
-        treedef=treedef,
-        batch_shape=(),
-        draw_shape=tuple(draw.shape),
-        draw_dtype=draw.dtype,
-        observed=False,
-        scale=scale,
-    )
+    return sample_site(address, distribution, None, scale=scale)
 
 
 def _bijection(d, name):
@@ -236,12 +219,22 @@ class _Prior:
         self.supports[site.address] = _support_name(site.distribution.support)
         key, sub = jax.random.split(key)
         if read is not None or self.draw:
-            value = site.sample(sub) if read is None else _conform(site, read)
-            return value, key, _inverse(site, value)
+            value = _prior_draw(site, sub) if read is None else _conform(site, read)
+            if value is not None:
+                return value, key, _inverse(site, value)
         shape = biject_to(site.distribution.support).inverse_shape(site.params["draw_shape"])
         u = jnp.zeros(site.batch_shape + shape, site.value_dtype)
         value = site.map(lambda d, e, u: _bijection(d, site.name)(u), site.leaves, u)
         return value.astype(site.value_dtype), key, u
+
+
+def _prior_draw(site, key):
+    """A draw of the site, or None when its distribution has no sampler (an ImproperUniform then
+    starts at the unconstrained 0, as NumPyro's init_to_median falls back to a fixed point)."""
+    try:
+        return site.sample(key)
+    except NotImplementedError:
+        return None
 
 
 def _prototype(model, example_args, init, init_values, key):
@@ -283,7 +276,7 @@ def _guide_fn(model, kind, sites, param_key, handler_for, reads_for):
     def fn(params, *args, emit=True):
         own = params if param_key is None else params[param_key]
         closed, flat, _ = model.stage(params, *args)
-        handler = handler_for(own, emit)
+        handler = _OnlyGuided(handler_for(own, emit), {s.address for s in sites})
         reads = reads_for(own) if reads_for is not None else {}
         _, _, writes = interpreter.run(closed.jaxpr, closed.consts, flat, handler, None, reads)
         missing = {s.address for s in sites} - set(writes)
@@ -296,6 +289,20 @@ def _guide_fn(model, kind, sites, param_key, handler_for, reads_for):
 
     fn.__name__ = f"{kind}_guide"
     return fn
+
+
+class _OnlyGuided:
+    """Hands `handler` the observed sites and the latent sites the guide was built for. Any other
+    site is latent now but was observed then (its observation passed as None, `obs=None`, as for
+    prediction): it is no choice of the guide, and its value in the guide's program is 0."""
+
+    def __init__(self, handler, addresses):
+        self.handler, self.addresses = handler, addresses
+
+    def site(self, site, carry, read):
+        if site.observed or site.address in self.addresses:
+            return self.handler.site(site, carry, read)
+        return jnp.zeros(site.value_shape, site.value_dtype), carry, None
 
 
 def _site_params(own, site):

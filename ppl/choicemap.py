@@ -13,10 +13,17 @@ import jax
 
 
 class ChoiceMap(dict):
-    """A nested dict of choices; `a | b` merges deeply (b wins where both have a value)."""
+    """A nested dict of choices; `a | b` merges deeply (b wins where both have a value). `aux`:
+    the address tuples of its auxiliary choices (a guide's `ppl.sample(..., aux=True)` sites),
+    which a density or importance weight skips where its program has no site (see `ppl.sample`);
+    copies and merges keep them."""
+
+    def __init__(self, *args, aux=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.aux = frozenset(aux).union(*(getattr(a, "aux", ()) for a in args))
 
     def __or__(self, other):
-        merged = ChoiceMap(self)
+        merged = ChoiceMap(self, aux=getattr(other, "aux", ()))
         for name, value in dict(other).items():
             if isinstance(value, dict) and isinstance(merged.get(name), dict):
                 merged[name] = ChoiceMap(merged[name]) | value
@@ -33,8 +40,8 @@ class ChoiceMap(dict):
 
 jax.tree_util.register_pytree_with_keys(
     ChoiceMap,
-    lambda cm: ([(jax.tree_util.DictKey(k), cm[k]) for k in sorted(cm)], tuple(sorted(cm))),
-    lambda keys, values: ChoiceMap(zip(keys, values)),
+    lambda cm: ([(jax.tree_util.DictKey(k), cm[k]) for k in sorted(cm)], (tuple(sorted(cm)), cm.aux)),
+    lambda static, values: ChoiceMap(zip(static[0], values), aux=static[1]),
 )
 
 
@@ -53,9 +60,9 @@ def flatten_choices(choices, prefix=()):
     return flat
 
 
-def nest_choices(flat):
-    """The nested `ChoiceMap` of {address tuple: value}."""
-    root = ChoiceMap()
+def nest_choices(flat, aux=()):
+    """The nested `ChoiceMap` of {address tuple: value}, `aux` its auxiliary addresses."""
+    root = ChoiceMap(aux=aux)
     for address, value in flat.items():
         node = root
         for name in address[:-1]:

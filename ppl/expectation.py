@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ppl import leaves
-from ppl.choicemap import nest_choices
-from ppl.gen import GenerativeFunction, stage
+from ppl.gen import GenerativeFunction, choice_map, stage
 from transforms import adev, gfi
 
 
@@ -40,7 +39,7 @@ def sim(gen_fn):
     def run(*args):
         closed, flat, _ = gen_fn.stage(*args)
         _, choices, score = gfi.staged_simulate(closed, flat)
-        return nest_choices(choices), score
+        return choice_map(closed, choices), score
 
     return run
 

@@ -20,6 +20,7 @@ Arguments are traced like `jax.jit` arguments (arrays and pytrees of arrays).
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,9 @@ from jax import lax
 
 from ppl import leaves, plates
 from ppl.choicemap import Trace, flatten_choices, nest_choices
-from transforms import checks, gfi, interpreter
+from transforms import checks, compat, gfi, interpreter
 from transforms.estimators import Estimator
-from transforms.primitives import Observed, format_address, sample_site
+from transforms.primitives import Observed, format_address, sample_p, sample_site
 
 
 class GenerativeFunction:
@@ -51,20 +52,22 @@ class GenerativeFunction:
     def simulate(self, key, *args):
         closed, flat, out_tree = self.stage(*args)
         outs, choices, score = gfi.simulate(closed, flat, key)
-        return Trace(nest_choices(choices), score, jax.tree_util.tree_unflatten(out_tree, outs), args)
+        return Trace(choice_map(closed, choices), score, jax.tree_util.tree_unflatten(out_tree, outs), args)
 
     def assess(self, choices, *args):
-        """(log density of `choices`, return value); every site needs a choice."""
+        """(log density of `choices`, return value); every site needs a choice. Auxiliary
+        choices (`choices.aux`) at addresses the program lacks are skipped."""
         closed, flat, out_tree = self.stage(*args)
-        score, outs = gfi.assess(closed, flat, flatten_choices(choices))
+        score, outs = gfi.assess(closed, flat, given_choices(closed, choices))
         return score, jax.tree_util.tree_unflatten(out_tree, outs)
 
     def generate(self, key, constraints, *args):
         """(Trace, log weight): constrained sites take their given values (the weight is their log
-        density); the others are drawn from the program itself."""
+        density); the others are drawn from the program itself. Auxiliary constraints at addresses
+        the program lacks are skipped, as in `assess`."""
         closed, flat, out_tree = self.stage(*args)
-        outs, choices, score, weight = gfi.generate(closed, flat, key, flatten_choices(constraints))
-        trace = Trace(nest_choices(choices), score, jax.tree_util.tree_unflatten(out_tree, outs), args)
+        outs, choices, score, weight = gfi.generate(closed, flat, key, given_choices(closed, constraints))
+        trace = Trace(choice_map(closed, choices), score, jax.tree_util.tree_unflatten(out_tree, outs), args)
         return trace, weight
 
     def addresses(self, *args):
@@ -80,6 +83,7 @@ def stage(fn, args, unique_addresses=True):
     """Stage `fn(*args)` to a ClosedJaxpr whose inputs are the array leaves of `args` (returned
     flat); other leaves (an Equinox module's activation function) are closed over. Checks that
     addresses are unique (an objective's sites need not be: it may draw from the same guide twice)."""
+    _check_arity(fn, args)
     arrays, static = leaves.partition(args, leaves.is_array)
     flat = jax.tree_util.tree_leaves(arrays)
     with_static = lambda arrays: fn(*leaves.combine(arrays, static))
@@ -90,20 +94,73 @@ def stage(fn, args, unique_addresses=True):
     return closed, flat, jax.tree_util.tree_structure(out_shape)
 
 
+def _check_arity(fn, args):
+    """Raise a TypeError stating the calling convention when `fn` cannot take `args`."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (a builtin): let the call decide
+        return
+    try:
+        signature.bind(*args)
+    except TypeError as e:
+        name = getattr(fn, "__name__", repr(fn))
+        raise TypeError(
+            f"{name}{signature} cannot be called with these {len(args)} argument(s): {e}. The objectives "
+            "(ppl.objectives), autoguides and ppl.predictive call model(params, *args) and guide(params, "
+            "*args): a model without parameters still takes a first argument (`def model(params, x, y)`, "
+            "ignoring it), and an autoguide is built with the model's arguments, `mean_field(model, {}, x, y)`."
+        ) from None
+
+
+def addresses_with(jaxpr, flag):
+    """The addresses of the sites of an open jaxpr (at any depth) whose parameter `flag`
+    ("observed", "aux") is set."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is sample_p and eqn.params.get(flag, False):
+            found.add(eqn.params["address"])
+        for sub in compat.sub_jaxprs(eqn.params):
+            found |= addresses_with(sub, flag)
+    return found
+
+
+def choice_map(closed, flat):
+    """The `ChoiceMap` of a run's flat choices, its auxiliary sites marked (`ChoiceMap.aux`)."""
+    return nest_choices(flat, aux=addresses_with(closed.jaxpr, "aux"))
+
+
+def given_choices(closed, choices):
+    """The flat choices that a program reads: `choices` without the auxiliary ones at addresses
+    it has no site for (unknown addresses that are not auxiliary are kept, and raise)."""
+    flat = flatten_choices(choices)
+    aux = getattr(choices, "aux", frozenset())
+    if aux:
+        known = interpreter.site_avals(closed.jaxpr)
+        flat = {a: v for a, v in flat.items() if a in known or a not in aux}
+    return flat
+
+
 def gen(fn):
     """Decorator: make `fn` a generative function."""
     return GenerativeFunction(fn)
 
 
-def sample(address, target, *args, estimator=None, obs=None):
+def sample(address, target, *args, estimator=None, obs=None, aux=False):
     """Draw from a distribution at `address`, or call a generative function with its choices
     nested under `address`. `estimator` picks the site's gradient estimator (default: reparam
     where the distribution has one, otherwise REINFORCE). `obs=value` observes the site: it
-    returns `value` and adds its log density to the program's (NumPyro's `obs=`)."""
+    returns `value` and adds its log density to the program's (NumPyro's `obs=`); `obs=None` is
+    an unobserved site, so `model(x, y=None)` draws y (prediction).
+
+    `aux=True` makes the site auxiliary, for a guide's variables that the model does not have
+    (the latent vector of an IAF guide whose model sites are `Delta`s of it): its choice is
+    marked in the choice map that `sim`/`simulate` return, and `density`/`assess`/`generate` of a
+    program without that address skip it. See docs/architecture.md for what the ELBO then means."""
     _check_name(address)
     if isinstance(target, GenerativeFunction):
-        if estimator is not None:
-            raise TypeError(f"estimator= applies to a distribution, not to the generative function at '{address}'")
+        if estimator is not None or aux:
+            what = "estimator=" if estimator is not None else "aux="
+            raise TypeError(f"{what} applies to a distribution, not to the generative function at '{address}'")
         return _call_at((address,), target, args)
     if args:
         raise TypeError(f"ppl.sample('{address}', distribution) takes no further positional arguments")
@@ -113,8 +170,9 @@ def sample(address, target, *args, estimator=None, obs=None):
         )
     target, scale_by = plates.broadcast(address, target)
     if obs is not None:
-        if estimator is not None:
-            raise TypeError(f"the observed site '{address}' has no gradient estimator")
+        if estimator is not None or aux:
+            what = "no gradient estimator" if estimator is not None else "no auxiliary role (aux=)"
+            raise TypeError(f"the observed site '{address}' has {what}")
         obs = gfi.as_value(obs, (address,))
         if jnp.shape(obs) != target.shape():
             raise ValueError(
@@ -126,7 +184,7 @@ def sample(address, target, *args, estimator=None, obs=None):
     if estimator is not None:
         _check_estimator(address, estimator)
         estimator.check(target, (address,))
-    return sample_site((address,), target, estimator, scale=scale_by)
+    return sample_site((address,), target, estimator, scale=scale_by, aux=aux)
 
 
 def _check_name(address):

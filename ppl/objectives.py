@@ -6,6 +6,14 @@ Every builder takes a model and a guide and returns an `@ppl.expectation` progra
 argument; observations enter through `ppl.sample(..., obs=...)`).
 
     params, losses = ppl.fit(objectives.iwae(model, guide, 10), params, data, optimizer=..., ...)
+
+Particles are drawn under one `jax.vmap` (each guide site draws independently per particle) and
+then scored. Builders with `num_particles` take `particle_chunk`: score (run the model's density,
+a VAE's decoder) that many particles at a time in a `lax.map` whose body is recomputed for the
+gradient, so the memory of scoring grows with the chunk instead of with the number of particles;
+the draws stay one vmap, so the value and gradient are those of `particle_chunk=None` to float
+rounding. Under `ppl.fit(..., mesh=...)` with a particles axis, the particle axis is sharded over
+it (`ppl.distributed.shard_particles`).
 """
 
 import math
@@ -16,6 +24,7 @@ from jax.lax import stop_gradient
 from numpyro.distributions import Categorical
 
 from ppl.choicemap import flatten_choices, nest_choices
+from ppl.distributed import shard_particles
 from ppl.expectation import density, expectation, sim
 from ppl.gen import with_estimators
 from ppl.marginal import marginal, sir
@@ -33,7 +42,26 @@ def _log_weight(model, guide, params, args, guide_params=None):
 
 
 def _particles(fn, num_particles):
-    return jax.vmap(lambda _: fn())(jnp.arange(num_particles))
+    """`fn()` for each of `num_particles` particles under one `jax.vmap`: its sites draw one value
+    per particle, its results gain a leading particle axis."""
+    return shard_particles(jax.vmap(lambda _: fn())(jnp.arange(num_particles)))
+
+
+def _each(fn, particles, chunk=None):
+    """`fn(particle)` for each particle (the leading axis of the leaves of `particles`), `fn`
+    deterministic (densities, no sites): under one `jax.vmap`, or `chunk` particles at a time
+    (`lax.map`, each chunk rematerialized in the backward pass)."""
+    if chunk is None:
+        return shard_particles(jax.vmap(fn)(particles))
+    return shard_particles(jax.lax.map(jax.checkpoint(fn), particles, batch_size=chunk))
+
+
+def _log_weights(model, guide, params, args, num_particles, chunk, model_params=None):
+    """log p(z_k, x) - log q(z_k) for `num_particles` draws z_k ~ q(. ; params); `model_params`
+    (default `params`) evaluates log p elsewhere."""
+    zs, log_q = _particles(lambda: sim(guide)(params, *args), num_particles)
+    model_params = params if model_params is None else model_params
+    return _each(lambda z: density(model)(z, model_params, *args), zs, chunk) - log_q
 
 
 def _log_mean_exp(log_w):
@@ -50,17 +78,17 @@ def elbo(model, guide):
     return objective
 
 
-def iwae(model, guide, num_particles):
+def iwae(model, guide, num_particles, particle_chunk=None):
     """The importance weighted bound E[log 1/K sum_k w_k] (Burda et al., 2016); `iwae(1)` is `elbo`."""
 
     @expectation
     def objective(params, *args):
-        return _log_mean_exp(_particles(lambda: _log_weight(model, guide, params, args), num_particles))
+        return _log_mean_exp(_log_weights(model, guide, params, args, num_particles, particle_chunk))
 
     return objective
 
 
-def vimco(model, guide, num_particles):
+def vimco(model, guide, num_particles, particle_chunk=None):
     """IWAE with leave-one-out REINFORCE baselines at every guide site, for discrete guides
     (Mnih & Rezende, 2016; the baseline of particle i re-runs the bound with particle i replaced
     by each other particle)."""
@@ -69,7 +97,7 @@ def vimco(model, guide, num_particles):
     def objective(params, *args):
         sites = guide.addresses(params, *args)
         loo = with_estimators(guide, {a: reinforce(leave_one_out=True) for a in sites})
-        return _log_mean_exp(_particles(lambda: _log_weight(model, loo, params, args), num_particles))
+        return _log_mean_exp(_log_weights(model, loo, params, args, num_particles, particle_chunk))
 
     return objective
 
@@ -85,18 +113,18 @@ def stl(model, guide):
     return objective
 
 
-def dreg(model, guide, num_particles):
+def dreg(model, guide, num_particles, particle_chunk=None):
     """IWAE value with doubly reparameterized gradients (Tucker et al., 2019): the guide gets
     sum_k w~_k^2 (d log w_k / dz)(dz / dphi), the model the usual sum_k w~_k d log p(x, z_k)."""
 
     @expectation
     def objective(params, *args):
-        def particle():
-            z, _ = sim(guide)(params, *args)
+        def score(z):
             log_w = density(model)(z, params, *args) - density(guide)(z, stop_gradient(params), *args)
             return log_w, density(model)(stop_gradient(z), params, *args)
 
-        log_w, log_p_at_fixed_z = _particles(particle, num_particles)
+        zs, _ = _particles(lambda: sim(guide)(params, *args), num_particles)
+        log_w, log_p_at_fixed_z = _each(score, zs, particle_chunk)
         w = stop_gradient(jax.nn.softmax(log_w))
         surrogate = jnp.sum(w**2 * log_w) + jnp.sum((w - w**2) * log_p_at_fixed_z)
         return stop_gradient(_log_mean_exp(log_w)) + surrogate - stop_gradient(surrogate)
@@ -104,31 +132,31 @@ def dreg(model, guide, num_particles):
     return objective
 
 
-def renyi(model, guide, alpha, num_particles):
+def renyi(model, guide, alpha, num_particles, particle_chunk=None):
     """The Rényi (variational alpha) bound 1/(1-alpha) log 1/K sum_k w_k^(1-alpha)
     (Li & Turner, 2016); alpha -> 1 is the ELBO, alpha = 0 the IWAE."""
 
     @expectation
     def objective(params, *args):
-        log_w = _particles(lambda: _log_weight(model, guide, params, args), num_particles)
+        log_w = _log_weights(model, guide, params, args, num_particles, particle_chunk)
         return _log_mean_exp((1.0 - alpha) * log_w) / (1.0 - alpha)
 
     return objective
 
 
-def cubo(model, guide, num_particles, n=2.0):
+def cubo(model, guide, num_particles, n=2.0, particle_chunk=None):
     """The chi upper bound CUBO_n = 1/n log 1/K sum_k w_k^n (Dieng et al., 2017), returned
     negated so that maximizing it minimizes the upper bound."""
 
     @expectation
     def objective(params, *args):
-        log_w = _particles(lambda: _log_weight(model, guide, params, args), num_particles)
+        log_w = _log_weights(model, guide, params, args, num_particles, particle_chunk)
         return -_log_mean_exp(n * log_w) / n
 
     return objective
 
 
-def rws_wake_q(model, guide, num_particles):
+def rws_wake_q(model, guide, num_particles, particle_chunk=None):
     """Reweighted wake-sleep, wake phase for the guide (Bornschein & Bengio, 2015):
     sum_k w~_k log q(z_k) with z_k ~ q drawn at fixed parameters; its gradient estimates
     -d KL(p(z|x) || q) / dphi. The value is a surrogate, not a bound."""
@@ -136,30 +164,22 @@ def rws_wake_q(model, guide, num_particles):
     @expectation
     def objective(params, *args):
         fixed = stop_gradient(params)
-
-        def particle():
-            z, log_q_fixed = sim(guide)(fixed, *args)
-            return density(model)(z, fixed, *args) - log_q_fixed, density(guide)(z, params, *args)
-
-        log_w, log_q = _particles(particle, num_particles)
-        return jnp.sum(stop_gradient(jax.nn.softmax(log_w)) * log_q)
+        zs, log_q_fixed = _particles(lambda: sim(guide)(fixed, *args), num_particles)
+        score = lambda z: (density(model)(z, fixed, *args), density(guide)(z, params, *args))
+        log_p, log_q = _each(score, zs, particle_chunk)
+        return jnp.sum(stop_gradient(jax.nn.softmax(log_p - log_q_fixed)) * log_q)
 
     return objective
 
 
-def rws_wake_p(model, guide, num_particles):
+def rws_wake_p(model, guide, num_particles, particle_chunk=None):
     """Reweighted wake-sleep, wake phase for the model: the IWAE bound with the guide held fixed
     (gradient sum_k w~_k d log p(x, z_k) / dtheta)."""
 
     @expectation
     def objective(params, *args):
-        fixed = stop_gradient(params)
-
-        def particle():
-            z, log_q = sim(guide)(fixed, *args)
-            return density(model)(z, params, *args) - log_q
-
-        return _log_mean_exp(_particles(particle, num_particles))
+        log_w = _log_weights(model, guide, stop_gradient(params), args, num_particles, particle_chunk, params)
+        return _log_mean_exp(log_w)
 
     return objective
 
@@ -192,7 +212,13 @@ def fivo(model_step, proposal_step, init_state, num_particles, resampling_gradie
     observes x_t (with `obs=`), returning the next state; `proposal_step(params, state, x_t)`
     draws the same latents. `objective(params, xs)` scans over the leading axis of `xs`. Resampling
     is a sample site; by default its score term is dropped (`resampling_gradients=False`, the
-    usual biased but low-variance choice); `True` keeps it (unbiased for the bound's gradient)."""
+    usual biased but low-variance choice); `True` keeps it, with the log-evidence estimate so far
+    as its REINFORCE baseline (the ancestors cannot change it): unbiased for the bound's gradient,
+    but its variance grows with T. Measured on a linear-Gaussian model (T = 100, 4 particles), the
+    gradient's std per coordinate is 4e3-9e3 with resampling gradients (1.3e4-1.6e4 without the
+    baseline) against 20-75 by default, for means of 50-500; Adam (lr 1e-2) then makes no
+    progress (loss 200 -> 203 in 2000 steps; without the baseline 199 -> 240) where the default
+    trains (181 -> 165). Use it for short sequences, or with many particles and small steps."""
 
     @expectation
     def objective(params, xs):
@@ -205,11 +231,15 @@ def fivo(model_step, proposal_step, init_state, num_particles, resampling_gradie
                 return new_state, log_p - log_q
 
             new_states, log_w = jax.vmap(particle)(states)
-            logits = log_w if resampling_gradients else stop_gradient(log_w)
-            ancestors = jax.vmap(lambda _: sample_site(("fivo", "ancestor"), Categorical(logits=logits), None))(
+            log_z = log_z + _log_mean_exp(log_w)
+            if resampling_gradients:  # the estimate so far does not depend on the ancestors: a baseline
+                logits, estimator = log_w, reinforce(baseline=log_z)
+            else:
+                logits, estimator = stop_gradient(log_w), None
+            ancestors = jax.vmap(lambda _: sample_site(("fivo", "ancestor"), Categorical(logits=logits), estimator))(
                 jnp.arange(num_particles)
             )
-            return (jax.tree.map(lambda a: a[ancestors], new_states), log_z + _log_mean_exp(log_w)), None
+            return (jax.tree.map(lambda a: a[ancestors], new_states), log_z), None
 
         states = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_particles,) + jnp.shape(a)), init_state)
         (_, log_z), _ = jax.lax.scan(step, (states, jnp.zeros(())), xs)

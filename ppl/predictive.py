@@ -8,6 +8,10 @@ guide, or from `posterior_samples`, e.g. an MCMC run's), then simulates the rest
 its observed sites *not* clamped to the data: `obs=` sites are drawn afresh from their
 distributions (the posterior predictive; the prior predictive without a guide). Downstream
 computations see the fresh draws. `unobserved(model)` is that transformation on its own.
+
+For new inputs, pass None for the observation, as in NumPyro (`obs=None` is an unobserved site):
+`ppl.predictive(model, guide, 1000)(key, params, x_new, None)["y"]` are draws of y at x_new. An
+autoguide built with y observed ignores the site then (it is no choice of the guide).
 """
 
 import functools

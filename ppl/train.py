@@ -40,6 +40,7 @@ import optax
 from jax.tree_util import keystr, tree_flatten_with_path
 from tqdm.auto import tqdm
 
+from ppl import distributed
 from ppl.expectation import Expectation
 from ppl.gen import GenerativeFunction
 
@@ -171,14 +172,18 @@ def _check_params(params):
             )
 
 
+def _check_argnums(args, data_argnums):
+    if any(not 0 <= i < len(args) for i in data_argnums):
+        raise ValueError(f"data_argnums={data_argnums} are positions in the {len(args)} argument(s) after params")
+
+
 def _check_batch(args, data_argnums, batch_size):
     """Raise unless every data argument's leaves share a leading axis of at least `batch_size`."""
     if not data_argnums:
         raise ValueError(
             f"batch_size={batch_size} needs data to minibatch: pass it after params, fit(objective, params, x, ...)"
         )
-    if any(not 0 <= i < len(args) for i in data_argnums):
-        raise ValueError(f"data_argnums={data_argnums} are positions in the {len(args)} argument(s) after params")
+    _check_argnums(args, data_argnums)
     sizes = {}
     for i in data_argnums:
         for path, leaf in tree_flatten_with_path(args[i])[0]:
@@ -206,7 +211,7 @@ def _check_batch(args, data_argnums, batch_size):
 # -- the step -------------------------------------------------------------------------------------
 
 
-def svi(objective, optimizer, skip_nonfinite=True):
+def svi(objective, optimizer, skip_nonfinite=True, mesh=None, data_argnums=None):
     """The (init, step) pair that maximizes `objective(params, *args)` with an optax optimizer.
 
         vi = ppl.svi(elbo, optax.adam(1e-2))
@@ -222,9 +227,15 @@ def svi(objective, optimizer, skip_nonfinite=True):
     such a step leaves the parameters and optimizer state unchanged (`info["skipped"]`; the step
     counter still advances). The check runs the update under a `lax.cond`, which costs time on
     small models (`benchmarks/RESULTS.md`); `skip_nonfinite=False` applies every update, as optax
-    and NumPyro's `SVI.update` do."""
+    and NumPyro's `SVI.update` do.
+
+    `mesh`: a `jax.sharding.Mesh` or `ppl.Sharding` (see `ppl.distributed`): the step shards the
+    leading axis of the data arguments (positions `data_argnums` in `args`, default all) over the
+    mesh's data axis, and the objective's particles over its particles axis; the state and data
+    stay where the caller placed them (`fit` places them)."""
     _check_objective(objective)
     _check_optimizer(optimizer)
+    spec = distributed.resolve(mesh)
 
     def init(params):
         _check_params(params)
@@ -251,7 +262,12 @@ def svi(objective, optimizer, skip_nonfinite=True):
         new_state = SVIState(_combine(trained, frozen), opt_state, state.step + 1)
         return new_state, {"loss": -value, "grad_norm": grad_norm, "nonfinite": ~finite, "skipped": skipped}
 
-    return SVI(init, step)
+    def sharded_step(key, state, *args):
+        nums = range(len(args)) if data_argnums is None else data_argnums
+        with distributed.active(spec):  # read by the objective's particles while it is traced
+            return step(key, state, *distributed.shard_data(spec, args, tuple(nums)))
+
+    return SVI(init, step if spec is None else sharded_step)
 
 
 def _value_and_grad(objective, frozen):
@@ -271,13 +287,15 @@ def _value_and_grad(objective, frozen):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_chunk(objective, optimizer, length, batch_size, data_argnums, skip_nonfinite, static):
+def _compiled_chunk(objective, optimizer, length, batch_size, data_argnums, skip_nonfinite, static, spec, placement):
     """One jitted function running `steps <= length` steps (a traced count, so the last, partial
     chunk reuses the same compiled code) in a `lax.fori_loop` on the array leaves of an `SVIState`
     (`static` holds the others); returns them and each step's loss and non-finite flag in arrays of
     `length` (entries past `steps` are padding). Step `t` of a run (`state.step == t`) draws from
-    `fold_in(key, t)`, so the draws depend on neither the chunking nor where a run was resumed."""
-    vi = svi(objective, optimizer, skip_nonfinite)
+    `fold_in(key, t)`, so the draws depend on neither the chunking nor where a run was resumed.
+    With a mesh (`spec`), the state comes back with its input shardings (`placement`), so the next
+    chunk reuses the compiled code, and the losses replicated."""
+    vi = svi(objective, optimizer, skip_nonfinite, spec, data_argnums)
 
     def chunk(arrays, key, steps, args):
         def one(i, carry):
@@ -292,7 +310,9 @@ def _compiled_chunk(objective, optimizer, length, batch_size, data_argnums, skip
         arrays, losses, nonfinite = jax.lax.fori_loop(0, steps, one, init)
         return arrays, {"loss": losses, "nonfinite": nonfinite}
 
-    return jax.jit(chunk)
+    if spec is None:
+        return jax.jit(chunk)
+    return jax.jit(chunk, out_shardings=(placement.tree(), spec.replicated))
 
 
 def _minibatch(key, args, data_argnums, batch_size):
@@ -318,6 +338,7 @@ def fit(
     progress=True,
     skip_nonfinite=True,
     return_state=False,
+    mesh=None,
 ):
     """Maximize `objective(params, *args)` for `steps` steps; returns `(params, losses)`, or with
     `return_state`, `(state, losses)` where `state` is the `SVIState` (params, optimizer state,
@@ -345,32 +366,63 @@ def fit(
     `chunk_size`: steps per compiled call (one progress-bar update each). `progress`: show a
     `tqdm.auto` bar (also in Jupyter), one update per chunk, with the mean loss over the last
     chunk's applied steps and the running count of skipped steps once there are any; `False`
-    prints nothing. `skip_nonfinite`: as in `svi`."""
+    prints nothing. `skip_nonfinite`: as in `svi`.
+
+    `mesh`: train on several devices or hosts, data- and particle-parallel (`ppl.distributed`): a
+    `jax.sharding.Mesh`, e.g. `jax.make_mesh((n,), ("data",))`, or a `ppl.Sharding` naming its
+    axes. Each minibatch (the leading axis of the `data_argnums` arguments) is sharded over the data
+    axis, so `batch_size` (without it, the data's length) must divide evenly over it, and the
+    objective's particles over the particles axis if there is one. The parameters, optimizer state
+    and key are replicated, except arrays the caller already placed on the mesh, which keep their
+    sharding (so a large network's weights can be sharded with `jax.device_put` before `fit`); so
+    are the data arguments (e.g. each host's shard, `jax.make_array_from_process_local_data`),
+    which are otherwise replicated with `batch_size` (each device gathers its rows of the minibatch)
+    and sharded without. Same key, same answer on any device count: the minibatch indices are drawn
+    from the key as without a mesh, and random draws do not depend on the sharding, so 1, 2, 4 or 8
+    devices give the same parameters to float rounding (the gradient's all-reduce sums in another
+    order). The parameters come back on the mesh, placed as they went in."""
     _check_objective(objective)
     _check_optimizer(optimizer)
+    spec = distributed.resolve(mesh)
     steps = _count("steps", steps, 0, "the number of optimizer steps")
     chunk_size = _count("chunk_size", chunk_size, 1, "steps per compiled call")
     data_argnums = tuple(range(len(args))) if data_argnums is None else tuple(data_argnums)
     if batch_size is not None:
         batch_size = _count("batch_size", batch_size, 1, "the minibatch size; batch_size=None uses all the data")
         _check_batch(args, data_argnums, batch_size)
+    if spec is not None:
+        _check_argnums(args, data_argnums)
+        distributed.check_sizes(spec, args, data_argnums, batch_size)
     state = params if isinstance(params, SVIState) else svi(objective, optimizer, skip_nonfinite).init(params)
     arrays, static = _Static.split(_strong(state))
+    arrays, key, args, placement = _placed(spec, arrays, key, args, data_argnums, batch_size)
     losses, nonfinite = [np.zeros(0, jnp.result_type(float))], [np.zeros(0, bool)]
     if steps:
         length = min(chunk_size, steps)
-        run = _compiled_chunk(objective, optimizer, length, batch_size, data_argnums, skip_nonfinite, static)
+        run = _compiled_chunk(
+            objective, optimizer, length, batch_size, data_argnums, skip_nonfinite, static, spec, placement
+        )
         with tqdm(total=steps, disable=not progress, unit="step") as bar:
             postfix = {}
             for done in range(0, steps, length):
                 n = min(length, steps - done)
                 arrays, info = run(arrays, key, n, args)
-                losses.append(np.asarray(info["loss"][:n]))
-                nonfinite.append(np.asarray(info["nonfinite"][:n]))
+                losses.append(np.asarray(info["loss"])[:n])  # sliced on the host: no program to compile
+                nonfinite.append(np.asarray(info["nonfinite"])[:n])
                 _show(bar, postfix, losses[-1], nonfinite[-1], skip_nonfinite)
     state = static.combine(arrays)
     _warn_nonfinite(state.params, np.concatenate(nonfinite), skip_nonfinite)
     return (state if return_state else state.params), jnp.asarray(np.concatenate(losses))
+
+
+def _placed(spec, arrays, key, args, data_argnums, batch_size):
+    """`fit`'s state arrays, key and arguments placed on the mesh (see `fit`), with the state's
+    placement; all unchanged, and no placement, without a mesh."""
+    if spec is None:
+        return arrays, key, args, None
+    arrays, key = distributed.place(spec, arrays), distributed.place(spec, key)
+    args = distributed.place_args(spec, args, data_argnums, split=batch_size is None)
+    return arrays, key, args, distributed.Placement.of(arrays)
 
 
 def _show(bar, postfix, losses, nonfinite, skip_nonfinite):
@@ -412,5 +464,12 @@ def _warn_nonfinite(params, nonfinite, skip_nonfinite):
 def _nonfinite_leaves(params):
     """The paths (`jax.tree_util.keystr`) of the trained leaves holding a NaN or an infinity."""
     leaves = [(path, leaf) for path, leaf in tree_flatten_with_path(params)[0] if _is_trained(leaf)]
-    finite = jax.device_get([jnp.all(jnp.isfinite(leaf)) for _, leaf in leaves])
+    finite = jax.device_get(_all_finite([leaf for _, leaf in leaves]))
     return [keystr(path) for (path, _), ok in zip(leaves, finite) if not ok]
+
+
+@jax.jit
+def _all_finite(leaves):
+    """Whether each array holds only finite values: one compiled program (on several hosts, every
+    eager operation would be one, compiled in step on all of them)."""
+    return [jnp.all(jnp.isfinite(leaf)) for leaf in leaves]

@@ -21,6 +21,7 @@ import numpyro.distributions as nd
 from jax import lax
 
 from transforms import checks, compat
+from transforms.hoist import hoist
 
 sample_p = compat.Primitive("sample")
 
@@ -55,22 +56,40 @@ class Observed(nd.Distribution):
         return self.base.log_prob(value)
 
 
-def sample_site(address, distribution, estimator, observed=False, scale=1.0):
+def sample_site(address, distribution, estimator, observed=False, scale=1.0, aux=False):
     """Bind `sample_p` for one draw of `distribution` at `address` (a tuple of names);
-    `observed=True` for an `Observed` distribution; `scale` multiplies its log density."""
-    leaves, treedef = jax.tree_util.tree_flatten((distribution, estimator))
+    `observed=True` for an `Observed` distribution; `scale` multiplies its log density; `aux`
+    marks an auxiliary site (`ppl.sample(..., aux=True)`; the transformations ignore it). Callables
+    that the distribution's transforms keep as static data (a flow's network) become leaves
+    (`transforms.hoist`), so that no traced value hides in the site's treedef."""
+    leaves, treedef = jax.tree_util.tree_flatten((hoist(distribution), estimator))
     leaves = [_as_leaf(leaf) for leaf in leaves]
-    draw = jax.eval_shape(lambda ls: jax.tree_util.tree_unflatten(treedef, ls)[0].sample(jax.random.key(0)), leaves)
+    draw_shape, draw_dtype = _draw_aval(treedef, leaves)
     return sample_p.bind(
         *leaves,
         address=tuple(address),
         treedef=treedef,
         batch_shape=(),
-        draw_shape=tuple(draw.shape),
-        draw_dtype=np.dtype(draw.dtype),
+        draw_shape=draw_shape,
+        draw_dtype=draw_dtype,
         observed=observed,
         scale=float(scale),
+        aux=bool(aux),
     )
+
+
+def _draw_aval(treedef, leaves):
+    """(shape, dtype) of one draw of the distribution in `tree_unflatten(treedef, leaves)[0]`: of
+    its `sample`, or, for a distribution without a sampler (`ImproperUniform`), its shape with an
+    integer dtype for a discrete support and a float dtype otherwise."""
+    unpack = lambda ls: jax.tree_util.tree_unflatten(treedef, list(ls))[0]
+    try:
+        draw = jax.eval_shape(lambda ls: unpack(ls).sample(jax.random.key(0)), leaves)
+    except NotImplementedError:
+        d = unpack(leaves)
+        dtype = jax.dtypes.canonicalize_dtype(int if d.support.is_discrete else float)
+        return tuple(d.shape()), np.dtype(dtype)
+    return tuple(draw.shape), np.dtype(draw.dtype)
 
 
 def _as_leaf(x):
@@ -105,6 +124,15 @@ def _differentiated_message(address):
         "has no derivative of its own. Differentiate an expected value with an `@ppl.expectation` "
         "(`objective.grad_estimate(key, params, ...)`), or a log density with "
         "`jax.grad(lambda p: model.assess(choices, p)[0])`."
+    )
+
+
+def _no_sampler_message(site):
+    return (
+        f"the site '{site.name}' cannot be drawn: its distribution ({type(site.distribution).__name__}) has "
+        "no sampler (NumPyro's `sample` raises NotImplementedError; an ImproperUniform has none). Give "
+        "its value instead: observe it (`obs=`), pass it in the choices (assess, density, generate's "
+        "constraints), or, in an objective, draw it from a guide with a site at this address."
     )
 
 
@@ -241,7 +269,10 @@ class Site:
     def sample(self, key, leaves=None):
         """One independent draw per batch element."""
         leaves = self.leaves if leaves is None else leaves
-        return self.map(lambda d, e, k: d.sample(k), leaves, self.keys(key))
+        try:
+            return self.map(lambda d, e, k: d.sample(k), leaves, self.keys(key))
+        except NotImplementedError as e:
+            raise NotImplementedError(_no_sampler_message(self)) from e
 
     @property
     def observed(self):
