@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from ppl import distributed
 from ppl.expectation import Expectation
 from ppl.gen import GenerativeFunction
+from ppl.leaves import combine, partition
 
 
 class SVIState(NamedTuple):
@@ -78,23 +79,6 @@ def _is_trained(leaf):
     return _is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
-def _partition(tree, predicate):
-    """Equinox's `partition`: (the leaves where `predicate` holds, the others), each a tree of
-    `tree`'s structure with `None` in place of the other half's leaves.
-
-        _partition({"w": jnp.ones(2), "f": jnp.tanh}, _is_trained) == ({"w": w, "f": None}, {"w": None, "f": jnp.tanh})
-    """
-    leaves, treedef = jax.tree.flatten(tree)
-    picked = [leaf if predicate(leaf) else None for leaf in leaves]
-    others = [None if predicate(leaf) else leaf for leaf in leaves]
-    return treedef.unflatten(picked), treedef.unflatten(others)
-
-
-def _combine(picked, others):
-    """Equinox's `combine`, the inverse of `_partition`: `_combine(*_partition(tree, p)) == tree`."""
-    return jax.tree.map(lambda a, b: b if a is None else a, picked, others, is_leaf=lambda x: x is None)
-
-
 def _strong(tree):
     """The array and Python-float leaves as jax arrays without weak types (so the compiled loop
     sees one input type); other leaves unchanged."""
@@ -110,12 +94,12 @@ class _Static(NamedTuple):
 
     @staticmethod
     def split(tree):
-        arrays, others = _partition(tree, _is_array)
+        arrays, others = partition(tree, _is_array)
         leaves, treedef = jax.tree.flatten(others)
         return arrays, _Static(treedef, tuple(leaves))
 
     def combine(self, arrays):
-        return _combine(arrays, self.treedef.unflatten(self.leaves))
+        return combine(arrays, self.treedef.unflatten(self.leaves))
 
 
 # -- argument checks ------------------------------------------------------------------------------
@@ -239,11 +223,11 @@ def svi(objective, optimizer, skip_nonfinite=True, mesh=None, data_argnums=None)
 
     def init(params):
         _check_params(params)
-        trained, _ = _partition(params, _is_trained)
+        trained, _ = partition(params, _is_trained)
         return SVIState(params, optimizer.init(trained), jnp.zeros((), jnp.int32))
 
     def step(key, state, *args):
-        trained, frozen = _partition(state.params, _is_trained)
+        trained, frozen = partition(state.params, _is_trained)
         value, grads = _value_and_grad(objective, frozen)(key, trained, *args)
         grads = jax.tree.map(jnp.negative, grads)
         grad_norm = optax.tree.norm(grads)
@@ -259,7 +243,7 @@ def svi(objective, optimizer, skip_nonfinite=True, mesh=None, data_argnums=None)
         else:
             trained, opt_state = update(trained, state.opt_state)
         skipped = ~finite if skip_nonfinite else jnp.zeros((), bool)
-        new_state = SVIState(_combine(trained, frozen), opt_state, state.step + 1)
+        new_state = SVIState(combine(trained, frozen), opt_state, state.step + 1)
         return new_state, {"loss": -value, "grad_norm": grad_norm, "nonfinite": ~finite, "skipped": skipped}
 
     def sharded_step(key, state, *args):
@@ -274,7 +258,7 @@ def _value_and_grad(objective, frozen):
     """`(key, trained, *args) -> (value, d value / d trained)` for `objective(combine(trained,
     frozen), *args)`: the static leaves are closed over, so only arrays are staged."""
     if isinstance(objective, Expectation):
-        return Expectation(lambda trained, *args: objective(_combine(trained, frozen), *args)).value_and_grad_estimate
+        return Expectation(lambda trained, *args: objective(combine(trained, frozen), *args)).value_and_grad_estimate
     if jax.tree.leaves(frozen):
         raise TypeError(
             f"params has leaves that are not floating-point arrays ({_describe(objective)} cannot leave them "
