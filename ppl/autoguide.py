@@ -66,7 +66,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import Transform, biject_to
 
 from ppl.choicemap import flatten_choices, nest_choices
-from ppl.gen import GenerativeFunction, addresses_with
+from ppl.gen import GenerativeFunction
 from transforms import compat, interpreter
 from transforms.primitives import format_address, sample_p, sample_site
 
@@ -144,7 +144,7 @@ def _contexts(jaxpr, context=()):
 
 def observed_addresses(jaxpr):
     """The addresses of the observed sites of an open jaxpr (at any depth)."""
-    return addresses_with(jaxpr, "observed")
+    return interpreter.addresses_with(jaxpr, "observed")
 
 
 def _check_continuous(site):

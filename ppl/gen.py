@@ -30,9 +30,9 @@ from jax import lax
 
 from ppl import leaves, plates
 from ppl.choicemap import Trace, flatten_choices, nest_choices
-from transforms import checks, compat, gfi, interpreter
+from transforms import checks, gfi, interpreter
 from transforms.estimators import Estimator
-from transforms.primitives import Observed, format_address, sample_p, sample_site
+from transforms.primitives import Observed, format_address, sample_site
 
 
 class GenerativeFunction:
@@ -112,21 +112,9 @@ def _check_arity(fn, args):
         ) from None
 
 
-def addresses_with(jaxpr, flag):
-    """The addresses of the sites of an open jaxpr (at any depth) whose parameter `flag`
-    ("observed", "aux") is set."""
-    found = set()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive is sample_p and eqn.params.get(flag, False):
-            found.add(eqn.params["address"])
-        for sub in compat.sub_jaxprs(eqn.params):
-            found |= addresses_with(sub, flag)
-    return found
-
-
 def choice_map(closed, flat):
     """The `ChoiceMap` of a run's flat choices, its auxiliary sites marked (`ChoiceMap.aux`)."""
-    return nest_choices(flat, aux=addresses_with(closed.jaxpr, "aux"))
+    return nest_choices(flat, aux=interpreter.addresses_with(closed.jaxpr, "aux"))
 
 
 def given_choices(closed, choices):

@@ -95,12 +95,6 @@ def log_marginal(closed, args, given, semiring=SUM, offsets=None):
     return _eliminate(elim.factors, elim.axes, semiring)
 
 
-def summed_out(closed, given):
-    """{address: (shape, dtype)} of the sites `log_marginal` sums out (scan sites stacked)."""
-    observed = _observed_addresses(closed.jaxpr)
-    return {a: aval for a, aval in site_avals(closed.jaxpr).items() if a not in given and a not in observed}
-
-
 class Summed(NamedTuple):
     """A summed-out site: the shape of its offsets ((scan length,) if in a scan, then its support
     size K, then its value's shape), where K sits in it, and its support values (K,)."""
@@ -137,16 +131,6 @@ def posterior(closed, args, given, semiring=SUM):
         probs = jnp.moveaxis(grads[address], s.support_axis, -1)
         out[address] = probs if semiring is SUM else jnp.asarray(s.support)[jnp.argmax(probs, axis=-1)]
     return out
-
-
-def _observed_addresses(jaxpr):
-    found = set()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive is sample_p and eqn.params.get("observed", False):
-            found.add(eqn.params["address"])
-        for sub in compat.sub_jaxprs(eqn.params):
-            found |= _observed_addresses(sub)
-    return found
 
 
 class _Eliminator:

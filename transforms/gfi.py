@@ -100,9 +100,10 @@ class _Assess:
         if read is None:
             raise KeyError(f"no value for address '{site.name}': assess/density needs a choice for every site")
         read = _conform(site, read)
-        lp = site.log_prob(read, given=True)
         if self.record == "elements":
-            return read, score + lp, site.log_prob_elements(read, given=True)
+            elements = site.log_prob_elements(read, given=True)
+            return read, score + site.scaled(jnp.sum(elements)), elements
+        lp = site.log_prob(read, given=True)
         return read, score + lp, lp if self.record else None
 
 

@@ -40,6 +40,18 @@ def site_avals(jaxpr, scan_lengths=()):
     return found
 
 
+def addresses_with(jaxpr, flag):
+    """The addresses of the sites of an open jaxpr (at any depth) whose parameter `flag`
+    ("observed", "aux") is set."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is sample_p and eqn.params.get(flag, False):
+            found.add(eqn.params["address"])
+        for sub in compat.sub_jaxprs(eqn.params):
+            found |= addresses_with(sub, flag)
+    return found
+
+
 def live_eqns(jaxpr):
     """The equations of an open jaxpr that its outputs, its sample sites or its effects depend
     on, in order (NumPyro's argument checks, for example, leave unused values behind); dropping

@@ -288,8 +288,11 @@ class Site:
         the site's scale. Parameters are checked, and with `given` (an observation or a choice
         handed in) so is the value's support: see `transforms.checks` (raises when the outcome
         is known at trace time, else NaN / -inf)."""
-        total = jnp.sum(self.log_prob_elements(value, leaves, given))
-        return total * self.scale if self.scale != 1.0 else total
+        return self.scaled(jnp.sum(self.log_prob_elements(value, leaves, given)))
+
+    def scaled(self, log_density):
+        """`log_density` times the site's scale."""
+        return log_density * self.scale if self.scale != 1.0 else log_density
 
     def log_prob_elements(self, value, leaves=None, given=False):
         """The log density of each element of `value`, unscaled and checked as in `log_prob`: an
