@@ -1,4 +1,5 @@
-"""Automatic guides built from a model (NumPyro's AutoNormal, AutoMultivariateNormal, AutoDelta).
+"""Automatic guides built from a model (NumPyro's AutoNormal, AutoMultivariateNormal, AutoDelta,
+AutoIAFNormal, AutoBNAFNormal).
 
     guide, params = ppl.autoguide.mean_field(model, None, x)   # the model's own arguments
     params, losses = ppl.fit(ppl.objectives.elbo(model, guide), params, x, optimizer=optax.adam(0.05),
@@ -24,13 +25,18 @@ Design:
   `TransformedDistribution(Normal(loc, exp(log_scale)).to_event(k), biject_to(support))` (a plain
   Normal where the support is the real line): its log density includes the log-Jacobian, and its
   draws are reparameterized.
-- **Full rank as a chain of conditionals.** One `MultivariateNormal(loc, L L^T)` over the
-  concatenation u = (u_1, ..., u_n) of the unconstrained latents (in program order), written as
-  u_k | u_<k ~ MVN(loc_k + L_k,<k eps_<k, L_kk L_kk^T) with eps_j = L_jj^-1 (u_j - mean_j): the
-  product of these conditionals is exactly the joint MVN (u = loc + L eps), and each site keeps the
-  model's address, so log q at the model's addresses is exact and no auxiliary address is needed
-  (`density(model)` rejects addresses it does not have). Sites inside `scan`/`cond` are not
-  supported by `full_rank` (use `mean_field`).
+- **Joint guides as a chain of conditionals.** `full_rank`, `iaf` and `bnaf` put one
+  distribution on the concatenation u = (u_1, ..., u_n) of the unconstrained latents (in program
+  order): u = F(eps), eps ~ N(0, I), with F block-triangular (u_k depends on eps_1..eps_k only).
+  Site k draws eps_k and sets u_k = F(eps_<k, eps_k)_k, eps_<k recovered from the earlier sites'
+  values, so its density is the conditional q(u_k | u_<k) and the product over the sites is
+  exactly the joint (with each site's bijection Jacobian): log q at the model's addresses is
+  exact and no auxiliary address is needed (`density(model)` rejects addresses it does not
+  have). Full rank: F(eps) = loc + L eps, an MVN. Flows: NumPyro's IAF or BNAF transforms over
+  the whole vector, autoregressive in program order, with the coordinates reversed *within* each
+  site's block between flows (NumPyro reverses the whole vector, which would couple a site to
+  later ones and leave no tractable conditional). Sites inside `scan`/`cond` are not supported
+  by the joint guides (use `mean_field`).
 - **Delta (MAP).** `Delta(biject_to(support)(loc))` with log density 0: the ELBO is the log joint
   at the point, maximized in the constrained space (MAP, as NumPyro's AutoDelta).
 - **Initialization.** `init="median"` (default): loc is the coordinatewise median, in unconstrained
@@ -42,9 +48,11 @@ Design:
 - **Parameters.** A dict keyed by the address string ("a/b" for nested addresses); mean field:
   `{"loc", "log_scale"}` per site, shaped like the unconstrained site (scan and vmap dimensions
   first); delta: `{"loc"}`; full rank: `{"loc": (D,), "log_diag": (D,), "lower": (D, D)}` with
-  L = diag(exp(log_diag)) + strictly-lower(lower). The guide reads only these entries, so a model's
-  own parameters may live in the same dict; `param_key="guide"` nests the guide's entries under
-  that key instead (the model receives the whole dict).
+  L = diag(exp(log_diag)) + strictly-lower(lower); flows: `{"flows": (network params, ...)}`,
+  one entry per flow from its network's init (as NumPyro's AutoIAFNormal/AutoBNAFNormal). The
+  guide reads only these entries, so a model's own parameters may live in the same dict;
+  `param_key="guide"` nests the guide's entries under that key instead (the model receives the
+  whole dict).
 - **Sites observed when the guide was built** stay outside it: called with the observation as
   None (`obs=None`, for prediction), the site is latent in the model but no choice of the guide,
   and holds 0 in the guide's program.
@@ -62,15 +70,24 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as nd
+from jax.example_libraries import stax
 from numpyro.distributions import constraints
-from numpyro.distributions.transforms import Transform, biject_to
+from numpyro.distributions.flows import BlockNeuralAutoregressiveTransform, InverseAutoregressiveTransform
+from numpyro.distributions.transforms import (
+    ComposeTransform,
+    LowerCholeskyAffine,
+    PermuteTransform,
+    Transform,
+    biject_to,
+)
+from numpyro.nn import AutoregressiveNN, BlockNeuralAutoregressiveNN
 
 from ppl.choicemap import flatten_choices, nest_choices
 from ppl.gen import GenerativeFunction
 from transforms import compat, interpreter
 from transforms.primitives import format_address, sample_p, sample_site
 
-__all__ = ["AutoGuide", "LatentSite", "delta", "full_rank", "mean_field"]
+__all__ = ["AutoGuide", "LatentSite", "bnaf", "delta", "full_rank", "iaf", "mean_field"]
 
 NUM_INIT_DRAWS = 15
 
@@ -431,11 +448,7 @@ def delta(model, *example_args, init="median", init_values=None, key=None, param
 
 
 # ---------------------------------------------------------------------------------------------
-# Full rank
-
-
-def _tril(log_diag, lower):
-    return jnp.diag(jnp.exp(log_diag)) + jnp.tril(lower, -1)
+# A site's block of a joint unconstrained vector
 
 
 class _SiteBijection(Transform):
@@ -494,42 +507,97 @@ class _SiteBijection(Transform):
         return (self.leaves,), (("leaves",), aux)
 
 
-class _FullRankSites:
-    """The chain of conditionals u_k | u_<k of one MVN(loc, L L^T); `eps` accumulates
-    L_jj^-1 (u_j - mean_j) of the blocks drawn so far."""
+# ---------------------------------------------------------------------------------------------
+# Joint guides: one unconstrained vector u = F(eps) over all latents, a chain of conditionals
 
-    def __init__(self, layout, loc, L, emit):
-        self.layout, self.loc, self.L, self.emit = layout, loc, L, emit
-        self.eps = jnp.zeros_like(loc)
+
+def _layout(kind, sites):
+    """({address: (start, stop)} of each site's block of the joint vector, in program order; its
+    size). Latents inside scan/cond raise NotImplementedError."""
+    nested = [s for s in sites if s.context]
+    if nested:
+        s = nested[0]
+        raise NotImplementedError(
+            f"{kind}: the latent site '{s.name}' is inside {'/'.join(s.context)}; a joint guide "
+            "needs every latent at the top level of the model (use mean_field for this model)"
+        )
+    layout, start = {}, 0
+    for s in sites:
+        size = math.prod(s.unconstrained_shape)
+        layout[s.address] = (start, start + size)
+        start += size
+    return layout, start
+
+
+class _JointSites:
+    """The sites of u = F(eps), eps ~ N(0, I), F block-triangular in program order: site k draws
+    eps_k and u_k = block(eps_k), where `block = joint.block(start, stop, eps, u)` is F's map
+    from eps_k to u_k given the blocks before it (`eps`, `u`: the joint vectors so far, 0 from
+    `start` on), then the site's bijection. `emit=False` gives the image of eps = 0 (`median`)."""
+
+    def __init__(self, layout, size, joint, emit):
+        self.layout, self.joint, self.emit = layout, joint, emit
+        self.eps = self.u = jnp.zeros(size)
         self.next = 0
 
     def site(self, site, carry, read):
         if site.observed:
             return read, carry, None
         _check_continuous(site)
-        start, stop = self.layout[site.address]
-        if start != self.next:  # the conditionals need the blocks in program order
-            raise ValueError(
-                f"the model reached the latent site '{site.name}' out of the order the guide was built with"
-            )
-        self.next = stop
+        start, stop = self._block(site)
         t = _SiteBijection(site)
         if t.size != stop - start:
             raise ValueError(
                 f"the model's site '{site.name}' has {t.size} unconstrained coordinates now, "
                 f"{stop - start} when the guide was built"
             )
-        mean = self.loc[start:stop] + self.L[start:stop] @ self.eps  # eps is 0 from `start` on
-        L_kk = self.L[start:stop, start:stop]
-        if self.emit:
-            q = nd.TransformedDistribution(nd.MultivariateNormal(mean, scale_tril=L_kk), t)
-            value = bind_site(site.address, q).astype(site.value_dtype)
-            u = t.inv(value)
-            eps = jax.scipy.linalg.solve_triangular(L_kk, u - mean, lower=True)
-            self.eps = self.eps.at[start:stop].set(eps)
-        else:
-            value = t(mean).astype(site.value_dtype)  # eps stays 0: the joint median is loc
+        block = self.joint.block(start, stop, self.eps, self.u)
+        if not self.emit:  # eps stays 0
+            value = t(block(jnp.zeros(stop - start))).astype(site.value_dtype)
+            return value, carry, value
+        base = nd.Normal(0.0, 1.0).expand((stop - start,)).to_event(1)
+        value = bind_site(site.address, nd.TransformedDistribution(base, [block, t])).astype(site.value_dtype)
+        u = t.inv(value)
+        self.u = self.u.at[start:stop].set(u)
+        self.eps = self.eps.at[start:stop].set(block.inv(u))
         return value, carry, value
+
+    def _block(self, site):
+        start, stop = self.layout[site.address]
+        if start != self.next:  # the conditionals need the blocks in program order
+            raise ValueError(
+                f"the model reached the latent site '{site.name}' out of the order the guide was built with"
+            )
+        self.next = stop
+        return start, stop
+
+
+def _joint_guide(kind, model, sites, layout, size, param_key, joint_of, own):
+    """(guide, init_params) of a `_JointSites` guide whose F is `joint_of(own params)`."""
+    handler_for = lambda own, emit: _JointSites(layout, size, joint_of(own), emit)
+    fn = _guide_fn(model, kind, sites, param_key, handler_for, None)
+    named_layout = {s.name: slice(*layout[s.address]) for s in sites}
+    guide = AutoGuide(fn, kind, model, sites, param_key, named_layout)
+    return guide, (own if param_key is None else {param_key: own})
+
+
+# ---------------------------------------------------------------------------------------------
+# Full rank
+
+
+def _tril(log_diag, lower):
+    return jnp.diag(jnp.exp(log_diag)) + jnp.tril(lower, -1)
+
+
+class _Affine:
+    """F(eps) = loc + L eps: block k is affine, u_k = loc_k + L_k,<k eps_<k + L_kk eps_k."""
+
+    def __init__(self, loc, L):
+        self.loc, self.L = loc, L
+
+    def block(self, start, stop, eps, u):
+        mean = self.loc[start:stop] + self.L[start:stop, :start] @ eps[:start]
+        return LowerCholeskyAffine(mean, self.L[start:stop, start:stop])
 
 
 def full_rank(model, *example_args, init_scale=0.1, init="median", init_values=None, key=None, param_key=None):
@@ -539,29 +607,205 @@ def full_rank(model, *example_args, init_scale=0.1, init="median", init_values=N
     `guide.covariance(params)` the unconstrained covariance. Arguments as for `mean_field`;
     latents inside `scan`/`cond` raise `NotImplementedError`."""
     sites, locs = _prototype(model, example_args, init, init_values, key)
-    nested = [s for s in sites if s.context]
-    if nested:
-        s = nested[0]
-        raise NotImplementedError(
-            f"full_rank: the latent site '{s.name}' is inside {'/'.join(s.context)}; a full-rank guide "
-            "needs every latent at the top level of the model (use mean_field for this model)"
-        )
-    layout, start = {}, 0
-    for s in sites:
-        size = math.prod(s.unconstrained_shape)
-        layout[s.address] = (start, start + size)
-        start += size
+    layout, size = _layout("full_rank", sites)
     loc = jnp.concatenate([jnp.reshape(locs[s.address], (-1,)) for s in sites]) if sites else jnp.zeros(0)
     own = {
         "loc": loc,
         "log_diag": jnp.full(loc.shape, math.log(init_scale), loc.dtype),
         "lower": jnp.zeros(loc.shape * 2, loc.dtype),
     }
+    joint_of = lambda own: _Affine(jnp.asarray(own["loc"]), _tril(own["log_diag"], own["lower"]))
+    return _joint_guide("full_rank", model, sites, layout, size, param_key, joint_of, own)
 
-    def handler_for(own, emit):
-        return _FullRankSites(layout, jnp.asarray(own["loc"]), _tril(own["log_diag"], own["lower"]), emit)
 
-    fn = _guide_fn(model, "full_rank", sites, param_key, handler_for, None)
-    named_layout = {s.name: slice(*layout[s.address]) for s in sites}
-    guide = AutoGuide(fn, "full_rank", model, sites, param_key, named_layout)
-    return guide, (own if param_key is None else {param_key: own})
+# ---------------------------------------------------------------------------------------------
+# Normalizing flows
+
+
+@dataclass(frozen=True)
+class _FlowSpec:
+    """The static part of a flow guide: per flow, its network's apply function; between flows,
+    `reversal`, which reverses the coordinates of each site's block."""
+
+    kind: str  # "iaf" or "bnaf"
+    networks: tuple
+    reversal: tuple
+
+
+def _flows(spec, params):
+    """NumPyro's transforms of the flow stack with the networks' parameters `params`."""
+    layers = []
+    for i, (network, p) in enumerate(zip(spec.networks, params)):
+        if i:
+            layers.append(PermuteTransform(jnp.asarray(spec.reversal)))
+        arn = functools.partial(network, p)
+        layers.append(InverseAutoregressiveTransform(arn) if spec.kind == "iaf" else _BNAF(network, p))
+    return layers
+
+
+class _BNAF(BlockNeuralAutoregressiveTransform):
+    """NumPyro's BNAF with an inverse. Each coordinate of x = F^-1(y) is found in order by
+    bisection (F_i increases in x_i given x_<i), then one Newton step from that stopped root x*,
+    x* - J^-1 (F(x*) - y), gives the implicit derivative J^-1 (dy - dF)."""
+
+    def __init__(self, network, params):
+        super().__init__(functools.partial(network, params))
+        self.network, self.params = network, params
+
+    def _inverse(self, y):
+        fixed = BlockNeuralAutoregressiveTransform(functools.partial(self.network, jax.lax.stop_gradient(self.params)))
+        root = _increasing_root(fixed, jax.lax.stop_gradient(y))
+        jac = jax.jacfwd(fixed)(root)
+        return root - jax.scipy.linalg.solve_triangular(jac, self(root) - y, lower=True)
+
+
+def _increasing_root(f, y, expansions=40, bisections=50):
+    """x with f(x) = y, for f triangular with f_i increasing in x_i: coordinate by coordinate,
+    a bracket doubled from [-1, 1] until it holds the root, then bisected."""
+
+    def coordinate(i, x):
+        gap = lambda c: f(x.at[i].set(c))[i] - y[i]
+
+        def expand(_, bracket):
+            lo, hi = bracket
+            return jnp.where(gap(lo) > 0, 2 * lo, lo), jnp.where(gap(hi) < 0, 2 * hi, hi)
+
+        def bisect(_, bracket):
+            lo, hi = bracket
+            mid = (lo + hi) / 2
+            above = gap(mid) > 0
+            return jnp.where(above, lo, mid), jnp.where(above, mid, hi)
+
+        bracket = jax.lax.fori_loop(0, expansions, expand, (-jnp.ones((), y.dtype), jnp.ones((), y.dtype)))
+        lo, hi = jax.lax.fori_loop(0, bisections, bisect, bracket)
+        return x.at[i].set((lo + hi) / 2)
+
+    return jax.lax.fori_loop(0, y.shape[-1], coordinate, jnp.zeros_like(y))
+
+
+def _flow_with_log_diagonal(layers, x):
+    """(F(x), the log-diagonal of F's Jacobian per coordinate, summed over the flows)."""
+    log_diagonal = jnp.zeros_like(x)
+    for t in layers:
+        x, intermediates = t.call_with_intermediates(x)
+        if intermediates is not None:  # a permutation has none
+            log_diagonal = log_diagonal + intermediates
+    return x, log_diagonal
+
+
+class _BlockFlow(Transform):
+    """Block k of a flow F over the joint vector: eps_k -> F(eps_<k, eps_k, 0)_k, the earlier
+    blocks `eps` (and their image `u`) fixed. F is block-triangular (each flow is autoregressive
+    in the joint order, and the permutations stay within blocks), so the later blocks play no
+    part, the inverse is F^-1(u_<k, u_k, 0)_k, and the log-Jacobian is the sum of F's
+    log-diagonal over the block (the permutations only reorder it within the block)."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+
+    def __init__(self, spec, params, eps, u, start, stop):
+        self.spec, self.params, self.eps, self.u, self.start, self.stop = spec, params, eps, u, start, stop
+
+    def call_with_intermediates(self, x):
+        y, log_diagonal = _flow_with_log_diagonal(_flows(self.spec, self.params), self._into(self.eps, x))
+        return y[self.start : self.stop], jnp.sum(log_diagonal[self.start : self.stop])
+
+    def __call__(self, x):
+        return self.call_with_intermediates(x)[0]
+
+    def _inverse(self, y):
+        return ComposeTransform(_flows(self.spec, self.params)).inv(self._into(self.u, y))[self.start : self.stop]
+
+    def log_abs_det_jacobian(self, x, y, intermediates=None):
+        return self.call_with_intermediates(x)[1] if intermediates is None else intermediates
+
+    def _into(self, joint, block):
+        return joint.at[self.start : self.stop].set(block)
+
+    def tree_flatten(self):
+        return (self.params, self.eps, self.u), (
+            ("params", "eps", "u"),
+            {"spec": self.spec, "start": self.start, "stop": self.stop},
+        )
+
+
+class _Flow:
+    """F(eps): the flow stack of `spec` with the networks' parameters `params`."""
+
+    def __init__(self, spec, params):
+        self.spec, self.params = spec, params
+
+    def block(self, start, stop, eps, u):
+        return _BlockFlow(self.spec, self.params, eps, u, start, stop)
+
+
+def _flow_guide(kind, model, example_args, make_network, num_flows, key, param_key):
+    sites, _ = _prototype(model, example_args, "zero", None, None)
+    layout, size = _layout(kind, sites)
+    if size == 0:
+        raise ValueError(f"{kind}: the model has no latent sites")
+    networks = [make_network(size, i) for i in range(num_flows)]
+    keys = jax.random.split(jax.random.key(0) if key is None else key, num_flows)
+    own = {"flows": tuple(init(k, (size,))[1] for (init, _), k in zip(networks, keys))}
+    reversal = tuple(i for start, stop in layout.values() for i in reversed(range(start, stop)))
+    spec = _FlowSpec(kind, tuple(apply for _, apply in networks), reversal)
+    return _joint_guide(kind, model, sites, layout, size, param_key, lambda own: _Flow(spec, own["flows"]), own)
+
+
+def iaf(
+    model,
+    *example_args,
+    num_flows=2,
+    hidden_dims=None,
+    skip_connections=False,
+    nonlinearity=stax.Elu,
+    key=None,
+    param_key=None,
+):
+    """(guide, init_params): an inverse autoregressive flow over all unconstrained latents
+    (NumPyro's AutoIAFNormal): u = F(eps), eps ~ N(0, I), F `num_flows` of NumPyro's
+    `InverseAutoregressiveTransform`, each with an `AutoregressiveNN(D, hidden_dims)` (default
+    `[D, D]`, D the number of unconstrained coordinates), then each site's bijection.
+
+        guide, params = ppl.autoguide.iaf(model, None, x)
+        params, losses = ppl.fit(ppl.objectives.stl(model, guide), params, x, optimizer=..., ...)
+
+    Like `full_rank`, it is a chain of conditionals at the model's own addresses, so every flow
+    is autoregressive in the model's order and, between flows, the coordinates are reversed
+    *within each site's block* (NumPyro reverses the whole vector): for scalar sites the
+    conditionals u_k | u_<k stay Gaussian (use `bnaf` for more). `init_params["flows"]` holds
+    each network's parameters from its init (keys split from `key`, default `jax.random.key(0)`);
+    `guide.median(params, ...)` is the image of eps = 0. Latents inside `scan`/`cond` raise
+    `NotImplementedError`; `param_key` as for `mean_field`.
+
+    Path-derivative training (`objectives.stl`) suits flows: measured on a 2-D Gaussian posterior
+    with correlation -0.8 (tests/ppl/test_flow_autoguide.py's model), KL(q || p) after 3000 Adam
+    steps is 0.0025 with STL against 0.019 with the ELBO (bnaf: 0.017 and 0.040; the best mean
+    field: 0.51)."""
+
+    def network(size, i):
+        hidden = [size, size] if hidden_dims is None else list(hidden_dims)
+        return AutoregressiveNN(
+            size, hidden, permutation=jnp.arange(size), skip_connections=skip_connections, nonlinearity=nonlinearity
+        )
+
+    return _flow_guide("iaf", model, example_args, network, num_flows, key, param_key)
+
+
+def bnaf(model, *example_args, num_flows=1, hidden_factors=(8, 8), key=None, param_key=None):
+    """(guide, init_params): a block neural autoregressive flow over all unconstrained latents
+    (NumPyro's AutoBNAFNormal): u = F(eps), eps ~ N(0, I), F `num_flows` of NumPyro's
+    `BlockNeuralAutoregressiveTransform` with `BlockNeuralAutoregressiveNN(D, hidden_factors)`
+    (gated residuals in all but the last), then each site's bijection.
+
+        guide, params = ppl.autoguide.bnaf(model, None, x)
+
+    Its conditionals u_k | u_<k are not Gaussian, even for scalar sites. NumPyro's BNAF has no
+    inverse, which the guide's density at given values needs (every objective evaluates log q at
+    a draw): here it is found by bisection, coordinate by coordinate, with its implicit
+    derivative, costing about 130 network evaluations per coordinate. Otherwise as for `iaf`."""
+
+    def network(size, i):
+        return BlockNeuralAutoregressiveNN(size, list(hidden_factors), "gated" if i < num_flows - 1 else None)
+
+    return _flow_guide("bnaf", model, example_args, network, num_flows, key, param_key)
