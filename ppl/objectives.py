@@ -29,6 +29,7 @@ from ppl.expectation import density, expectation, sim
 from ppl.gen import with_estimators
 from ppl.marginal import marginal, sir
 from ppl.predictive import unobserved
+from transforms import gfi, interpreter
 from transforms.estimators import reinforce
 from transforms.primitives import sample_site
 
@@ -261,5 +262,94 @@ def sleep(model, guide, observed="x", data_argnum=0):
         dreamed = list(args)
         dreamed[data_argnum] = flat.pop(address)
         return density(guide)(nest_choices(flat), params, *dreamed)
+
+    return objective
+
+
+def _particle_grid(model, guide, params, args, num_bounds, num_particles):
+    """log w of `num_bounds` x `num_particles` independent draws from the guide, shape (M, K)."""
+    draw = lambda: _log_weights(model, guide, params, args, num_particles, None)
+    return _particles(draw, num_bounds)
+
+
+def miwae(model, guide, num_bounds, num_particles):
+    """The average of `num_bounds` independent IWAE bounds of `num_particles` particles each
+    (Rainforth et al., 2018, 'Tighter variational bounds are not necessarily better'): its expected
+    value is IWAE_K, its guide gradient keeps a signal-to-noise ratio that IWAE_{MK} loses."""
+
+    @expectation
+    def objective(params, *args):
+        log_w = _particle_grid(model, guide, params, args, num_bounds, num_particles)
+        return jnp.mean(jax.vmap(_log_mean_exp)(log_w))
+
+    return objective
+
+
+def ciwae(model, guide, num_particles, beta):
+    """beta ELBO + (1 - beta) IWAE_K over the same K particles (Rainforth et al., 2018): its
+    expected value is that combination of the two bounds."""
+
+    @expectation
+    def objective(params, *args):
+        log_w = _log_weights(model, guide, params, args, num_particles, None)
+        return beta * jnp.mean(log_w) + (1.0 - beta) * _log_mean_exp(log_w)
+
+    return objective
+
+
+def piwae(model, guide, num_bounds, num_particles):
+    """Partially importance weighted (Rainforth et al., 2018): over one set of M x K reparameterized
+    draws, the model's parameters follow IWAE_{MK} and the guide's follow MIWAE_{M,K}; the value
+    is IWAE_{MK}. The split uses `stop_gradient` on the draws, so the guide must be reparameterized."""
+
+    @expectation
+    def objective(params, *args):
+        fixed = stop_gradient(params)
+        zs, log_q = _particles(lambda: _particles(lambda: sim(guide)(params, *args), num_particles), num_bounds)
+        score = lambda z: (density(model)(stop_gradient(z), params, *args), density(model)(z, fixed, *args))
+        log_p_model, log_p_guide = jax.vmap(lambda row: _each(score, row))(zs)
+        model_term = _log_mean_exp((log_p_model - stop_gradient(log_q)).reshape(-1))
+        guide_term = jnp.mean(jax.vmap(_log_mean_exp)(log_p_guide - log_q))
+        return model_term + guide_term - stop_gradient(guide_term)
+
+    return objective
+
+
+def _tempered_log_joint(model, choices, kappa, params, args):
+    """log p(z) + kappa log p(x | z): the model's log density with its observed sites' terms
+    multiplied by `kappa`."""
+    closed, flat, _ = model.stage(params, *args)
+    scores = gfi.site_scores(closed, flat, flatten_choices(choices))
+    observed = interpreter.addresses_with(closed.jaxpr, "observed")
+    weight = lambda address: kappa if address in observed else 1.0
+    return sum(weight(a) * jnp.sum(s) for a, s in scores.items())
+
+
+def data_emphasized_elbo(model, guide, kappa):
+    """E_q[kappa log p(x | z) + log p(z) - log q(z)], the likelihood (the `obs=` sites) weighted
+    by `kappa` (Harvey, Petrov & Hughes, 2024, 'Learning the regularization strength for deep
+    fine-tuning via a data-emphasized variational objective'); `kappa = 1` is the ELBO. It is
+    -KL(q || p_kappa) plus a constant, p_kappa(z) proportional to p(z) p(x | z)^kappa, so its optimum
+    is that tempered posterior."""
+
+    @expectation
+    def objective(params, *args):
+        z, log_q = sim(guide)(params, *args)
+        return _tempered_log_joint(model, z, kappa, params, args) - log_q
+
+    return objective
+
+
+def chi2_vis(model, guide, log_scale=0.0):
+    """Forward chi^2 variational importance sampling (Dieng et al., 2017, CHIVI; Li et al., 2024,
+    'Forward chi^2 divergence based variational importance sampling'): E_q[(p(x, z) / q(z) / c)^2]
+    with c = exp(`log_scale`), which is p(x)^2 (1 + chi^2(p(z | x) || q)) / c^2, negated to be
+    maximized. Its gradient is unbiased (no logarithm outside the expectation); minimizing it makes q
+    a mass-covering proposal for importance sampling. Choose `log_scale` near log p(x) so the
+    squared weights stay in floating-point range."""
+
+    @expectation
+    def objective(params, *args):
+        return -jnp.exp(2.0 * (_log_weight(model, guide, params, args) - log_scale))
 
     return objective

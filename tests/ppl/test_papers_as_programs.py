@@ -1,0 +1,235 @@
+"""The literature as programs (notebook 07): each paper's objective or estimator from the library,
+tested for its defining property against exact answers (closed forms, Gauss-Hermite quadrature,
+enumeration), with negative controls."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from conftest import keys, mean_and_stderr, within_stderr
+from scipy.special import logsumexp
+
+import ppl
+from models import normal_2d
+from ppl import dist, objectives
+
+# -- z ~ N(0, 1), x ~ N(z, 1), x = 1.5: p(z | x) = N(0.75, 0.5), p(x) = N(1.5; 0, 2) --------------
+
+X = jnp.array(1.5)
+LOG_EVIDENCE = float(dist.Normal(0.0, math.sqrt(2.0)).log_prob(X))
+POSTERIOR = {"loc": jnp.array(0.75), "log_scale": jnp.log(jnp.sqrt(jnp.array(0.5)))}
+OFF = {"loc": jnp.array(0.2), "log_scale": jnp.log(jnp.array(0.6))}
+
+
+@ppl.gen
+def model(params, x):
+    z = ppl.sample("z", dist.Normal(0.0, 1.0))
+    ppl.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+@ppl.gen
+def guide(params, x):
+    ppl.sample("z", dist.Normal(params["loc"], jnp.exp(params["log_scale"])))
+
+
+def draws(objective, n, seed=0, params=OFF):
+    """(values, gradients) of `n` independent estimates at `params`."""
+    return jax.jit(jax.vmap(lambda k: objective.value_and_grad_estimate(k, params, X)))(keys(n, seed))
+
+
+def iwae_by_quadrature(num_particles, params=OFF, nodes=20):
+    """IWAE_K = E[log 1/K sum_k w_k] over K independent z_k ~ q, by K-dimensional Gauss-Hermite."""
+    m, s = float(params["loc"]), math.exp(float(params["log_scale"]))
+    eps, weights = np.polynomial.hermite_e.hermegauss(nodes)
+    z = m + s * eps
+    log_w = -np.log(2 * np.pi) - 0.5 * z**2 - 0.5 * (1.5 - z) ** 2 + 0.5 * np.log(2 * np.pi) + np.log(s) + 0.5 * eps**2
+    grid = np.stack(np.meshgrid(*[log_w] * num_particles, indexing="ij"))
+    prob = np.prod(np.stack(np.meshgrid(*[weights / weights.sum()] * num_particles, indexing="ij")), axis=0)
+    return float(np.sum(prob * (logsumexp(grid, axis=0) - math.log(num_particles))))
+
+
+def exact_elbo(params=OFF, kappa=1.0):
+    """E_q[kappa log N(x; z, 1) + log N(z; 0, 1) - log q(z)] in closed form (kappa = 1: the ELBO)."""
+    m, s = params["loc"], jnp.exp(params["log_scale"])
+    log_prior = -0.5 * math.log(2 * math.pi) - 0.5 * (m**2 + s**2)
+    log_lik = -0.5 * math.log(2 * math.pi) - 0.5 * ((X - m) ** 2 + s**2)
+    return log_prior + kappa * log_lik + 0.5 * math.log(2 * math.pi * math.e) + jnp.log(s)
+
+
+# -- Rainforth et al. (2018): PIWAE, MIWAE, CIWAE --------------------------------------------------
+
+
+def test_the_quadrature_oracle_is_right():
+    assert math.isclose(iwae_by_quadrature(1), float(exact_elbo()), abs_tol=1e-6)  # float32 closed form
+    assert math.isclose(iwae_by_quadrature(2, POSTERIOR), LOG_EVIDENCE, abs_tol=1e-6)
+    assert abs(iwae_by_quadrature(3, nodes=30) - iwae_by_quadrature(3, nodes=20)) < 1e-7
+
+
+def test_each_estimator_has_its_bound_as_expected_value():
+    iwae2, iwae4 = iwae_by_quadrature(2), iwae_by_quadrature(4)
+    bounds = {
+        "miwae": (objectives.miwae(model, guide, 3, 2), iwae2),
+        "ciwae": (objectives.ciwae(model, guide, 2, 0.3), 0.3 * float(exact_elbo()) + 0.7 * iwae2),
+        "piwae": (objectives.piwae(model, guide, 2, 2), iwae4),
+    }
+    for name, (objective, exact) in bounds.items():
+        values, _ = draws(objective, 20_000, seed=1)
+        assert within_stderr(values, exact), (name, mean_and_stderr(values), exact)
+        # negative control: the neighbouring bound (IWAE_4 for MIWAE_{3,2}, IWAE_2 for the others)
+        # is many standard errors away, so the test can tell the bounds apart
+        other = iwae4 if name == "miwae" else iwae2
+        assert not within_stderr(values, other), (name, other)
+        at_posterior, _ = draws(objective, 100, params=POSTERIOR)
+        np.testing.assert_allclose(at_posterior, LOG_EVIDENCE, atol=2e-5)  # every weight is p(x)
+
+
+def test_piwae_splits_its_gradient_between_iwae_and_miwae():
+    """With model parameters next to the guide's, PIWAE's model gradient is IWAE_{MK}'s and its guide
+    gradient MIWAE_{M,K}'s, key for key (the draws are the same particles)."""
+
+    @ppl.gen
+    def shifted_model(params, x):
+        z = ppl.sample("z", dist.Normal(params["prior_loc"], 1.0))
+        ppl.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    params = dict(OFF, prior_loc=jnp.array(0.3))
+    run = lambda o: jax.jit(jax.vmap(lambda k: o.value_and_grad_estimate(k, params, X)))(keys(200))
+    v_p, g_p = run(objectives.piwae(shifted_model, guide, 2, 3))
+    v_i, g_i = run(objectives.iwae(shifted_model, guide, 6))
+    _, g_m = run(objectives.miwae(shifted_model, guide, 2, 3))
+    np.testing.assert_allclose(v_p, v_i, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g_p["prior_loc"], g_i["prior_loc"], rtol=1e-4, atol=1e-5)
+    for name in OFF:
+        np.testing.assert_allclose(g_p[name], g_m[name], rtol=1e-4, atol=1e-5)
+        assert np.max(np.abs(g_i[name] - g_m[name])) > 0.05  # the two targets do differ
+
+
+def snr(gradients):
+    """|mean| / std of one gradient coordinate, with its standard error sqrt((1 + snr^2 / 2) / n)."""
+    g = np.asarray(gradients, np.float64)
+    value = abs(g.mean()) / g.std(ddof=1)
+    return value, math.sqrt((1 + value**2 / 2) / g.shape[0])
+
+
+def test_the_guide_gradient_snr_falls_with_k_for_iwae_but_not_for_miwae():
+    n = 4000
+    iwae = [snr(draws(objectives.iwae(model, guide, k), n, seed=k)[1]["loc"]) for k in (1, 8, 64)]
+    for (a, se_a), (b, se_b) in zip(iwae, iwae[1:]):
+        assert a - b > 5 * math.hypot(se_a, se_b), iwae  # falls, by many standard errors
+    miwae, se_m = snr(draws(objectives.miwae(model, guide, 8, 8), n, seed=9)[1]["loc"])
+    piwae, se_p = snr(draws(objectives.piwae(model, guide, 8, 8), n, seed=10)[1]["loc"])
+    (iwae64, se_i) = iwae[-1]  # the same budget of 64 draws
+    assert miwae - iwae64 > 5 * math.hypot(se_m, se_i) and piwae - iwae64 > 5 * math.hypot(se_p, se_i)
+    # negative control: with one bound MIWAE is IWAE_K, key for key: the gain comes from M
+    one = draws(objectives.miwae(model, guide, 1, 64), 50, seed=64)[1]["loc"]
+    np.testing.assert_allclose(one, draws(objectives.iwae(model, guide, 64), 50, seed=64)[1]["loc"], rtol=1e-4)
+
+
+# -- the data-emphasized ELBO (Harvey, Petrov & Hughes, 2024) ---------------------------------------
+
+
+def tempered_posterior(kappa):
+    """Guide parameters of p_kappa(z) proportional to N(z; 0, 1) N(x; z, 1)^kappa."""
+    precision = 1.0 + kappa
+    return {"loc": kappa * X / precision, "log_scale": -0.5 * jnp.log(jnp.asarray(precision))}
+
+
+def test_data_emphasized_elbo_at_kappa_one_is_the_elbo_key_for_key():
+    v_de, g_de = draws(objectives.data_emphasized_elbo(model, guide, 1.0), 200)
+    v_elbo, g_elbo = draws(objectives.elbo(model, guide), 200)
+    np.testing.assert_allclose(v_de, v_elbo, rtol=1e-6, atol=1e-6)
+    for name in OFF:
+        np.testing.assert_allclose(g_de[name], g_elbo[name], rtol=1e-5, atol=1e-6)
+    assert np.std(v_elbo) > 0.1
+
+
+def test_data_emphasized_elbo_value_and_gradient_are_unbiased_and_its_optimum_is_the_tempered_posterior():
+    kappa = 4.0
+    objective = objectives.data_emphasized_elbo(model, guide, kappa)
+    values, grads = draws(objective, 10_000)
+    exact_value, exact_grad = jax.value_and_grad(lambda p: exact_elbo(p, kappa))(OFF)
+    assert within_stderr(values, exact_value)
+    for name in OFF:
+        assert within_stderr(grads[name], exact_grad[name]), name
+        assert not within_stderr(grads[name], jax.grad(exact_elbo)(OFF)[name])  # not the ELBO's gradient
+    # the optimum: zero gradient at the tempered posterior (the oracle agrees), not at the posterior
+    exact_at_tempered = jax.grad(lambda p: exact_elbo(p, kappa))(tempered_posterior(kappa))
+    assert all(abs(float(g)) < 1e-5 for g in exact_at_tempered.values())
+    _, at_tempered = draws(objective, 4000, params=tempered_posterior(kappa))
+    _, at_posterior = draws(objective, 4000, params=POSTERIOR)
+    for name in OFF:
+        assert within_stderr(at_tempered[name], 0.0), name
+        assert not within_stderr(at_posterior[name], 0.0), name
+
+
+# -- forward chi^2 variational importance sampling (Dieng et al., 2017; Li et al., 2024) ------------
+
+WIDE = {"loc": jnp.array(0.2), "log_scale": jnp.log(jnp.array(0.9))}  # var q > 3/4 var p: finite variance
+
+
+def chi2_closed_form(mu, cov, loc, scale):
+    """-E_q[(p(z | x) / q(z))^2] = -int N(z; mu, cov)^2 / q(z) dz for q = N(loc, diag(scale^2)),
+    a Gaussian integral: int exp(-z'Az + 2b'z - c) dz = pi^(d/2) |A|^(-1/2) exp(b'A^-1 b - c)."""
+    d, precision, inv_s = mu.shape[0], jnp.linalg.inv(cov), jnp.diag(scale**-2.0)
+    a = precision - inv_s / 2
+    b = precision @ mu - inv_s @ loc / 2
+    c = mu @ precision @ mu - loc @ inv_s @ loc / 2
+    log_norm = d / 2 * jnp.log(jnp.pi / (2 * jnp.pi)) - jnp.linalg.slogdet(cov)[1] + jnp.sum(jnp.log(scale))
+    return -jnp.exp(log_norm - 0.5 * jnp.linalg.slogdet(a)[1] + b @ jnp.linalg.solve(a, b) - c)
+
+
+def exact_chi2_objective(params):
+    """`chi2_vis` with log_scale = log p(x) on the one-dimensional model, in closed form."""
+    loc, scale = jnp.atleast_1d(params["loc"]), jnp.exp(jnp.atleast_1d(params["log_scale"]))
+    return chi2_closed_form(jnp.array([0.75]), jnp.array([[0.5]]), loc, scale)
+
+
+def test_chi2_vis_value_and_gradient_are_unbiased():
+    objective = objectives.chi2_vis(model, guide, log_scale=LOG_EVIDENCE)
+    values, grads = draws(objective, 20_000, params=WIDE)
+    exact_value, exact_grad = jax.value_and_grad(exact_chi2_objective)(WIDE)
+    assert within_stderr(values, exact_value)
+    np.testing.assert_allclose(float(exact_chi2_objective(POSTERIOR)), -1.0, rtol=1e-5)  # chi^2 = 0 there
+    for name in WIDE:
+        assert within_stderr(grads[name], exact_grad[name]), name
+        assert abs(float(exact_grad[name])) > 0.1  # a real gradient, not a trivial zero
+
+
+def test_chi2_vis_covers_more_mass_than_the_reverse_kl_fit():
+    """On a correlated 2-D Gaussian posterior, a mean-field guide fitted by the ELBO (reverse KL)
+    has variances 1 / Lambda_ii, narrower than the marginals; there the chi^2 gradient (exact, and
+    its estimate) widens both scales, and the chi^2 optimum is wider than the marginals."""
+    mean, cov = normal_2d.exact_posterior(normal_2d.DATA)
+    precision = jnp.linalg.inv(cov)
+    reverse_kl_fit = {"loc": mean, "log_scale": -0.5 * jnp.log(jnp.diag(precision)), "coupling": jnp.array(0.0)}
+    log_joint, _ = normal_2d.model.assess({"z1": mean[0], "z2": mean[1]}, {}, normal_2d.DATA)
+    log_evidence = float(log_joint - dist.MultivariateNormal(mean, cov).log_prob(mean))
+    exact = lambda p: chi2_closed_form(mean, cov, p["loc"], jnp.exp(p["log_scale"]))
+
+    objective = objectives.chi2_vis(normal_2d.model, normal_2d.guide, log_scale=log_evidence)
+    run = jax.vmap(lambda k: objective.value_and_grad_estimate(k, reverse_kl_fit, normal_2d.DATA))
+    values, grads = jax.jit(run)(keys(20_000))
+    exact_grad = jax.grad(exact)(reverse_kl_fit)["log_scale"]
+    assert within_stderr(values, exact(reverse_kl_fit))
+    assert within_stderr(grads["log_scale"], exact_grad)
+    assert np.all(exact_grad > 0.1)  # maximizing it widens both scales
+    assert np.all(np.abs(jax.grad(exact_elbo_2d)(reverse_kl_fit)["log_scale"]) < 1e-5)  # the ELBO's optimum
+    # the exact chi^2 optimum over mean-field Gaussians, by Adam on the closed form
+    fit = reverse_kl_fit
+    optimizer = optax.adam(1e-2)
+    state = optimizer.init(fit)
+    step = jax.jit(lambda p, s: optimizer.update(jax.tree.map(jnp.negative, jax.grad(exact)(p)), s))
+    for _ in range(2000):
+        updates, state = step(fit, state)
+        fit = optax.apply_updates(fit, updates)
+    variances = jnp.exp(2 * fit["log_scale"])
+    assert np.all(variances > jnp.diag(cov)) and np.all(jnp.diag(cov) > 1 / jnp.diag(precision)), variances
+
+
+def exact_elbo_2d(params):
+    """The mean-field ELBO on normal_2d up to a constant: -KL(q || p(z | x))."""
+    mean, cov = normal_2d.exact_posterior(normal_2d.DATA)
+    q = dist.MultivariateNormal(params["loc"], jnp.diag(jnp.exp(2 * params["log_scale"])))
+    return -dist.kl_divergence(q, dist.MultivariateNormal(mean, cov))
