@@ -17,6 +17,10 @@ constrained with `jax.lax.with_sharding_constraint` inside, and XLA's SPMD parti
 all-reduce of the gradient. This runs in JAX's automatic sharding mode: a mesh with explicit axis
 types (`jax.make_mesh`'s default) is used as the same devices with Auto axes.
 
+On one machine, `cpu_devices_env` gives a fresh Python several CPU devices and `LocalProcesses`
+starts a multi-host script as several processes on localhost (how the tests and
+`benchmarks/scaling.py` try both).
+
 Random draws do not depend on the sharding: a `jax.random` value is a function of the key and the
 shape only, and with `jax_threefry_partitionable` (the default since JAX 0.5, on in the pinned
 0.10) each device generates just its own part. So the same key gives the same parameters on any
@@ -24,7 +28,11 @@ number of devices, to the rounding of the gradient's all-reduce (sums in another
 """
 
 import contextlib
+import os
+import socket
+import subprocess
 import threading
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -217,3 +225,58 @@ class Placement(NamedTuple):
 
     def tree(self):
         return self.treedef.unflatten(self.shardings)
+
+
+# -- on one machine: forced CPU devices and local processes ---------------------------------------
+
+
+def cpu_devices_env(devices, env=None):
+    """`env` (default `os.environ`) for a fresh Python whose JAX runs on `devices` CPU devices:
+    XLA's forced host device count, which JAX reads once, when it starts."""
+    env = dict(os.environ if env is None else env)
+    flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return env | {"XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+class LocalProcesses:
+    """`num_processes` copies of the command `argv` started on this machine as the processes of
+    one multi-host run on CPU, `devices` CPU devices each. Copy i gets the arguments
+    `localhost:<free port> <num_processes> <i>` appended, for its
+    `jax.distributed.initialize(address, num_processes, i)`; its output goes to
+    `log_dir/process<i>.log` (a pipe could fill and block it at exit, where `jax.distributed`
+    waits for the others)."""
+
+    def __init__(self, argv, num_processes, log_dir, cwd=None, devices=1):
+        address = f"localhost:{_free_port()}"
+        self.logs = [Path(log_dir) / f"process{i}.log" for i in range(num_processes)]
+        self.processes = []
+        for i, log in enumerate(self.logs):
+            with open(log, "w") as out:
+                command = [*argv, address, str(num_processes), str(i)]
+                env = cpu_devices_env(devices)
+                self.processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd))
+
+    def wait(self, timeout):
+        """Wait up to `timeout` seconds for all of them; raise RuntimeError with the end of the log
+        of the first that failed or was still running (then all are stopped)."""
+        try:
+            for i, process in enumerate(self.processes):
+                try:
+                    returncode = process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    returncode = f"still running after {timeout} s"
+                if returncode != 0:
+                    raise RuntimeError(
+                        f"process {i} of {len(self.processes)}: {returncode}\n{self.logs[i].read_text()[-4000:]}"
+                    )
+        finally:
+            for process in self.processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()

@@ -2,12 +2,11 @@
 devices (forced CPU devices, in subprocesses) give the parameters and losses of a run without a
 mesh, for the ELBO, IWAE with sharded particles and a subsampled plate with `batch_size`; the step
 really works on per-device blocks; parameters placed on the mesh keep their sharding; two processes
-on localhost (gloo collectives) train the VAE as one process does; particle chunks give the values
-and gradients of one vmap in less memory; misnamed axes and uneven sizes raise, naming them."""
+on localhost (gloo collectives), each loading only its shard, train the VAE as one process does, and
+the launcher reports a failed or hung process; particle chunks give the values and gradients of one
+vmap in less memory; misnamed axes and uneven sizes raise, naming them."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ import pytest
 
 import ppl
 from models import vae
-from ppl import dist, objectives
+from ppl import dist, distributed, objectives
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,8 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_python(code, devices=8, timeout=120):
     """Run `code` in a fresh Python on `devices` forced CPU devices; returns the JSON value of the
     last line it prints."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    env = distributed.cpu_devices_env(devices)
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
     )
@@ -278,53 +276,41 @@ def test_particle_chunks_take_less_memory():
 
 # -- two processes ----------------------------------------------------------------------------------
 
+# Process i of 2 reads only its file of 32 images, shard<i>.npy, trains on the 64 of both and writes result<i>.json.
 WORKER = """
 import json, sys
 import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-process, port, result = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process)
+folder, address, num_processes, process = sys.argv[1:]
+jax.distributed.initialize(address, int(num_processes), int(process))
 import numpy as np, optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ppl
 from models import vae
 
 mesh = jax.make_mesh((2,), ("data",))
-images = np.asarray(vae.load_digits()[0][:64])
-mine = images[32 * process : 32 * (process + 1)]  # this process holds only its half of the data
-x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), mine, images.shape)
+mine = np.load(f"{folder}/shard{process}.npy")
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), mine, (64, vae.PIXELS))
+[held] = x.addressable_shards
 params = jax.jit(vae.init_params)(jax.random.key(0))  # one program: each eager operation would be compiled
 params, losses = ppl.fit(vae.objective("elbo", 16), params, x, optimizer=optax.adam(1e-2), steps=3,
                          key=jax.random.key(0), batch_size=16, mesh=mesh, progress=False)
-with open(result, "w") as f:
-    json.dump([np.asarray(leaf).tolist() for leaf in jax.tree.leaves(params) + [losses]], f)
+with open(f"{folder}/result{process}.json", "w") as f:
+    json.dump({"held_rows": [held.index[0].start, held.index[0].stop], "fully_addressable": x.is_fully_addressable,
+               "leaves": [np.asarray(leaf).tolist() for leaf in jax.tree.leaves(params) + [losses]]}, f)
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def start_worker(process, port, tmp_path):
-    """One of the two processes; its output goes to files (a full pipe would block it at exit,
-    where `jax.distributed` waits for the other)."""
-    log = open(tmp_path / f"worker{process}.log", "w")
-    command = [sys.executable, "-c", WORKER, str(process), port, str(tmp_path / f"result{process}.json")]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log
-
-
 def test_two_processes_train_the_vae_as_one_process(tmp_path):
-    """Two processes on localhost, one CPU device each, each holding half the images: minibatches
-    of 16, drawn from all 64 by the key, give the single-process parameters and losses."""
-    port = str(free_port())
-    workers = [start_worker(process, port, tmp_path) for process in range(2)]
-    images, params = vae.load_digits()[0][:64], vae.init_params(jax.random.key(0))
+    """Two processes on localhost, one CPU device each, each loading only its half of the images
+    (rows 0-31 and 32-63, and nothing else): minibatches of 16, drawn from all 64 by the key,
+    give the single-process parameters and losses."""
+    images = np.asarray(vae.load_digits()[0][:64])
+    for process in range(2):
+        np.save(tmp_path / f"shard{process}.npy", images[32 * process : 32 * (process + 1)])
+    workers = distributed.LocalProcesses([sys.executable, "-c", WORKER, str(tmp_path)], 2, tmp_path, cwd=ROOT)
     reference, losses = ppl.fit(
         vae.objective("elbo", 16),
-        params,
+        vae.init_params(jax.random.key(0)),
         images,
         optimizer=optax.adam(1e-2),
         steps=3,
@@ -332,10 +318,19 @@ def test_two_processes_train_the_vae_as_one_process(tmp_path):
         batch_size=16,
         progress=False,
     )
-    for process, (worker, log) in enumerate(workers):
-        returncode = worker.wait(timeout=120)
-        log.close()
-        assert returncode == 0, (tmp_path / f"worker{process}.log").read_text()[-4000:]
+    workers.wait(timeout=120)
+    for process in range(2):
         result = json.loads((tmp_path / f"result{process}.json").read_text())
-        for got, want in zip(result, jax.tree.leaves(reference) + [losses], strict=True):
+        assert result["held_rows"] == [32 * process, 32 * (process + 1)] and not result["fully_addressable"]
+        for got, want in zip(result["leaves"], jax.tree.leaves(reference) + [losses], strict=True):
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_local_processes_report_a_failed_or_hung_process(tmp_path):
+    failing = [sys.executable, "-c", "import sys; print('worker failed:', sys.argv[1:]); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match=r"process 0 of 2: 3\nworker failed: \['localhost:\d+', '2', '0'\]"):
+        distributed.LocalProcesses(failing, 2, tmp_path).wait(timeout=60)
+    hung = distributed.LocalProcesses([sys.executable, "-c", "import time; time.sleep(60)"], 1, tmp_path)
+    with pytest.raises(RuntimeError, match="process 0 of 1: still running after 1 s"):
+        hung.wait(timeout=1)
+    assert hung.processes[0].poll() is not None
