@@ -14,7 +14,7 @@ from ppl.marginal import exact, marginal, normalize, sir
 from ppl.params import Constrained, constrain, constrained
 from ppl.predictive import predictive
 from ppl.train import SVI, SVIState, fit, svi
-from transforms.estimators import Estimator, EstimatorError, enum, mvd, reinforce, reparam
+from transforms.estimators import Estimator, EstimatorError, enum, mvd, reinforce, reparam, rsvi
 
 __all__ = [
     "ChoiceMap",
@@ -48,6 +48,7 @@ __all__ = [
     "predictive",
     "reinforce",
     "reparam",
+    "rsvi",
     "sample",
     "scale",
     "scan",
