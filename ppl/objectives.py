@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.lax import stop_gradient
-from numpyro.distributions import Categorical
+from numpyro.distributions import Categorical, RelaxedBernoulliLogits
 
 from ppl.choicemap import flatten_choices, nest_choices
 from ppl.distributed import shard_particles
@@ -351,5 +351,27 @@ def chi2_vis(model, guide, log_scale=0.0):
     @expectation
     def objective(params, *args):
         return -jnp.exp(2.0 * (_log_weight(model, guide, params, args) - log_scale))
+
+    return objective
+
+
+def concrete_elbo(decoder, prior_logits, guide_logits, temperature):
+    """The ELBO of a model with independent Bernoulli latents z ~ Bernoulli(logits=`prior_logits`)
+    and likelihood `decoder(params, z, *args)` (a generative function observing the data with
+    `obs=`), under the Concrete / Gumbel-softmax relaxation (Maddison, Mnih & Teh, 2017; Jang, Gu
+    & Poole, 2017): the decoder reads z~ ~ RelaxedBernoulli(`temperature`, logits) in place of the
+    guide's z ~ Bernoulli(logits), logits = `guide_logits(params, *args)`, so the gradient is
+    pathwise, and the KL term between the Bernoulli guide and prior is exact. The gradient is
+    biased for the discrete ELBO's; the bias vanishes as the temperature falls, while the
+    variance grows."""
+
+    @expectation
+    def objective(params, *args):
+        logits = guide_logits(params, *args)
+        relaxed = sample_site(("z",), RelaxedBernoulliLogits(temperature, logits).to_event(1), None)
+        q, log_q, log_q0 = jax.nn.sigmoid(logits), jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+        log_p, log_p0 = jax.nn.log_sigmoid(prior_logits), jax.nn.log_sigmoid(-prior_logits)
+        kl = jnp.sum(q * (log_q - log_p) + (1.0 - q) * (log_q0 - log_p0))
+        return density(decoder)({}, params, relaxed, *args) - kl
 
     return objective

@@ -2,6 +2,7 @@
 tested for its defining property against exact answers (closed forms, Gauss-Hermite quadrature,
 enumeration), with negative controls."""
 
+import itertools
 import math
 
 import jax
@@ -295,3 +296,81 @@ def test_rsvi_at_batched_sites():
     exact = jax.grad(lambda a: jnp.sum(GAMMA_EXPECTATIONS["sqrt"][1](a, 1.0)))(alpha)
     assert within_stderr(grads, exact), (mean_and_stderr(grads), exact)
     assert np.std(np.asarray(grads[:, 0] - grads[:, 1])) > 0.01  # the coordinates are not one shared draw
+
+
+# -- the Concrete / Gumbel-softmax relaxation (Maddison et al., 2017; Jang et al., 2017) -----------
+# z in {0, 1}^3 with a uniform prior, x ~ N(W z, 0.5^2): every gradient is exact by enumeration
+
+W = jnp.array([[1.0, -0.5, 0.8], [0.3, 1.2, -1.0]])
+XD = jnp.array([1.2, -0.4])
+PRIOR_LOGITS = jnp.zeros(3)
+LOGITS = {"logits": jnp.array([0.5, -1.0, 0.2])}
+CONFIGURATIONS = jnp.array(list(itertools.product([0.0, 1.0], repeat=3)))
+
+
+@ppl.gen
+def decoder(params, z, x):
+    ppl.sample("x", dist.Normal(W @ z, 0.5).to_event(1), obs=x)
+
+
+@ppl.gen
+def discrete_model(params, x):
+    z = ppl.sample("z", dist.Bernoulli(logits=PRIOR_LOGITS).to_event(1))
+    decoder(params, z, x)
+
+
+@ppl.gen
+def bernoulli_guide(params, x):
+    ppl.sample("z", dist.Bernoulli(logits=params["logits"]).to_event(1))
+
+
+def enumerated_log_weights(params):
+    """(log q(z), log p(x, z) - log q(z)) at each of the 8 configurations."""
+    log_bernoulli = lambda logits: jnp.sum(
+        CONFIGURATIONS * jax.nn.log_sigmoid(logits) + (1 - CONFIGURATIONS) * jax.nn.log_sigmoid(-logits), 1
+    )
+    log_q = log_bernoulli(params["logits"])
+    log_lik = jnp.sum(-0.5 * ((XD - CONFIGURATIONS @ W.T) / 0.5) ** 2 - jnp.log(0.5 * jnp.sqrt(2 * jnp.pi)), 1)
+    return log_q, log_bernoulli(PRIOR_LOGITS) + log_lik - log_q
+
+
+def exact_discrete_iwae(params, num_particles):
+    """IWAE_K by enumerating all 8^K particle configurations (K = 1: the ELBO)."""
+    log_q, log_w = enumerated_log_weights(params)
+    rows = jnp.array(list(itertools.product(range(8), repeat=num_particles)))
+    bound = jax.nn.logsumexp(log_w[rows], axis=1) - math.log(num_particles)
+    return jnp.sum(jnp.exp(jnp.sum(log_q[rows], axis=1)) * bound)
+
+
+def discrete_gradients(objective, n=20_000, seed=0):
+    return jax.jit(jax.vmap(lambda k: objective.grad_estimate(k, LOGITS, XD)))(keys(n, seed))["logits"]
+
+
+def test_reinforce_vimco_and_enumeration_are_unbiased_for_the_discrete_objective():
+    elbo_grad = jax.grad(exact_discrete_iwae)(LOGITS, 1)["logits"]
+    iwae3_grad = jax.grad(exact_discrete_iwae)(LOGITS, 3)["logits"]
+    cases = {
+        "reinforce": (objectives.elbo(discrete_model, bernoulli_guide), elbo_grad),
+        "enum": (objectives.elbo(discrete_model, ppl.with_estimators(bernoulli_guide, {"z": ppl.enum()})), elbo_grad),
+        "vimco": (objectives.vimco(discrete_model, bernoulli_guide, 3), iwae3_grad),
+    }
+    for name, (objective, exact) in cases.items():
+        grads = discrete_gradients(objective)
+        assert within_stderr(grads, exact), (name, mean_and_stderr(grads), exact)
+    assert np.max(np.abs(elbo_grad - iwae3_grad)) > 0.05  # VIMCO's target is not the ELBO's gradient
+
+
+def test_the_concrete_gradient_is_biased_with_a_bias_that_falls_and_a_variance_that_grows_with_temperature():
+    exact = jax.grad(exact_discrete_iwae)(LOGITS, 1)["logits"]
+    bias, se, variance = [], [], []
+    for temperature in (1.0, 0.5, 0.2):
+        relaxed = objectives.concrete_elbo(decoder, PRIOR_LOGITS, lambda p, x: p["logits"], temperature)
+        grads = discrete_gradients(relaxed, n=100_000)
+        mean, stderr = mean_and_stderr(grads)
+        bias.append(np.abs(mean - exact))
+        se.append(stderr)
+        variance.append(np.var(np.asarray(grads), axis=0))
+    assert np.all(bias[0] > 10 * se[0]), (bias[0], se[0])  # biased for the discrete gradient
+    for k in range(2):
+        assert np.all(bias[k] - bias[k + 1] > 5 * np.hypot(se[k], se[k + 1])), (bias, se)
+        assert np.all(variance[k + 1] > 2 * variance[k]), variance
