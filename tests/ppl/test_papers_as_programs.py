@@ -16,7 +16,7 @@ from scipy.special import logsumexp
 
 import ppl
 from models import normal_2d
-from ppl import dist, objectives
+from ppl import dist, flows, objectives
 
 # -- z ~ N(0, 1), x ~ N(z, 1), x = 1.5: p(z | x) = N(0.75, 0.5), p(x) = N(1.5; 0, 2) --------------
 
@@ -374,3 +374,64 @@ def test_the_concrete_gradient_is_biased_with_a_bias_that_falls_and_a_variance_t
     for k in range(2):
         assert np.all(bias[k] - bias[k + 1] > 5 * np.hypot(se[k], se[k + 1])), (bias, se)
         assert np.all(variance[k + 1] > 2 * variance[k]), variance
+
+
+# -- normalizing-flow guides (Rezende & Mohamed, 2015) with path gradients (Roeder et al., 2017) ----
+# z ~ N(0, I2), x ~ N(z, I2): p(z | x) = N(x / 2, I2 / 2), a flow guide at the identity represents it
+
+X2 = jnp.array([1.0, -0.5])
+IDENTITY_U = jnp.log(jnp.expm1(1.0)) / 1.25 * jnp.array([1.0, 0.5])  # u^ = 0 for w = (1, 0.5)
+FLOW_AT_POSTERIOR = {
+    "loc": X2 / 2,
+    "log_scale": jnp.full(2, 0.5 * jnp.log(0.5)),
+    "u": IDENTITY_U,
+    "w": jnp.array([1.0, 0.5]),
+    "b": jnp.array(0.3),
+    "z0": jnp.array([0.2, 0.1]),
+    "a": jnp.array(0.4),
+    "c": jnp.array(0.4),  # beta = 0
+}
+FLOW_OFF = dict(FLOW_AT_POSTERIOR, loc=jnp.array([0.1, 0.2]), u=jnp.array([0.7, -0.4]), c=jnp.array(1.0))
+
+
+@ppl.gen
+def model_2d(params, x):
+    z = ppl.sample("z", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
+    ppl.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+
+@ppl.gen
+def flow_guide(params, x):
+    base = dist.Normal(params["loc"], jnp.exp(params["log_scale"])).to_event(1)
+    planar = flows.PlanarTransform(params["u"], params["w"], params["b"])
+    radial = flows.RadialTransform(params["z0"], params["a"], params["c"])
+    ppl.sample("z", dist.TransformedDistribution(base, [planar, radial]))
+
+
+def flow_gradients(objective, params, n, seed=0):
+    return jax.jit(jax.vmap(lambda k: objective.grad_estimate(k, params, X2)))(keys(n, seed))
+
+
+def test_the_flows_are_bijections_with_their_log_determinants():
+    z = jax.random.normal(jax.random.key(0), (20, 2)) * 2
+    p = FLOW_OFF
+    for flow in (flows.PlanarTransform(p["u"], p["w"], p["b"]), flows.RadialTransform(p["z0"], p["a"], p["c"])):
+        y = flow(z)
+        np.testing.assert_allclose(flow.inv(y), z, atol=1e-5)
+        jacobians = jax.vmap(jax.jacfwd(flow))(z)
+        np.testing.assert_allclose(flow.log_abs_det_jacobian(z, y), jnp.linalg.slogdet(jacobians)[1], atol=1e-5)
+        inverse_jacobians = jax.vmap(jax.jacfwd(flow.inv))(y)  # the planar inverse's derivative is implicit
+        np.testing.assert_allclose(inverse_jacobians @ jacobians, jnp.broadcast_to(jnp.eye(2), (20, 2, 2)), atol=1e-4)
+
+
+def test_stl_gradients_of_a_flow_guide_are_unbiased_and_vanish_at_the_exact_posterior():
+    stl, elbo = objectives.stl(model_2d, flow_guide), objectives.elbo(model_2d, flow_guide)
+    g_stl, g_elbo = flow_gradients(stl, FLOW_OFF, 20_000), flow_gradients(elbo, FLOW_OFF, 20_000, seed=1)
+    for name in FLOW_OFF:
+        (m_s, se_s), (m_e, se_e) = mean_and_stderr(g_stl[name]), mean_and_stderr(g_elbo[name])
+        assert np.all(np.abs(m_s - m_e) <= 5 * np.hypot(se_s, se_e) + 1e-6), (name, m_s, m_e)
+    assert np.abs(mean_and_stderr(g_stl["u"])[0]).max() > 0.1  # a real gradient away from the posterior
+    at_stl, at_elbo = flow_gradients(stl, FLOW_AT_POSTERIOR, 500), flow_gradients(elbo, FLOW_AT_POSTERIOR, 500)
+    for name in FLOW_OFF:
+        np.testing.assert_allclose(at_stl[name], 0.0, atol=1e-4, err_msg=name)  # zero variance: every estimate 0
+    assert np.std(np.asarray(at_elbo["loc"])) > 0.1  # negative control: the ELBO's score term is noise
