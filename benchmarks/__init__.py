@@ -204,19 +204,30 @@ def measure_variants(steps, args, keys, rounds, compile_reps, monitor, max_wait)
                     {"lower": t_lower, "compile": t_compile, "first_call": t_first, "load": monitor.other_cores(start)}
                 )
     compiled = {name: jax.jit(steps[name]) for name in steps}
-    for name in steps:
+    for name, rounds_of_name in steady_rounds(compiled, args, keys, rounds, monitor, max_wait).items():
+        res[name]["rounds"] = rounds_of_name
+    return res
+
+
+def steady_rounds(calls, args, keys, rounds, monitor, max_wait):
+    """Steady-state times of `calls[name](*args[name], key)` (callables, e.g. jitted functions, or
+    a whole `ppl.fit`): after 3 warm-up calls each, `rounds` rounds of `len(keys)` calls per
+    variant, interleaved call by call in alternating order, each call blocked on, with the load of
+    other processes per round (see `measure_variants`). Returns {name: [{"times", "load"}]}."""
+    for name in calls:
         for k in keys[:3]:
-            jax.block_until_ready(compiled[name](*args[name], k))
+            jax.block_until_ready(calls[name](*args[name], k))
+    res = {name: [] for name in calls}
     for r in range(rounds):
         monitor.wait_quiet(max_wait)
         start = monitor.snapshot()
-        times = {name: [] for name in steps}
+        times = {name: [] for name in calls}
         for i, k in enumerate(keys):
-            for name in alternate(steps, r + i):
-                times[name].append(timed(lambda: compiled[name](*args[name], k))[1])
+            for name in alternate(calls, r + i):
+                times[name].append(timed(lambda: calls[name](*args[name], k))[1])
         load = monitor.other_cores(start)
-        for name in steps:
-            res[name]["rounds"].append({"times": times[name], "load": load})
+        for name in calls:
+            res[name].append({"times": times[name], "load": load})
     return res
 
 

@@ -4,6 +4,7 @@ written by hand in JAX, and NumPyro.
     python -m benchmarks.vae_step                 # batch 64 and 1024, all groups (what `make bench` runs)
     python -m benchmarks.vae_step --batches 64 --groups grad --rounds 40
     python -m benchmarks.vae_step --batches 64 --hlo   # also: optimized-HLO opcodes that differ
+    python -m benchmarks.vae_step --groups fit         # whole ppl.fit runs against a hand-written loop
 
 Encoder 784-200-(2x10) (mean and log-scale of a diagonal Normal over a 10-d z), decoder
 10-200-784 with Bernoulli logits, tanh hidden units; random binary data from a fixed seed.
@@ -30,6 +31,14 @@ Group `step`, a full Adam step (gradient and update; reference: hand+optax):
 
 Group `loop`: the `step` variants chained `--loop-steps` times inside one jitted `lax.scan`, so
 that nothing is loop-invariant and per-call dispatch is amortized; times are per step.
+
+Group `fit`, whole training runs of `--fit-steps` steps from the same initial parameters, timed
+per call (reference: hand+optax):
+- ours ppl.fit: `ppl.fit(elbo, params, x, optimizer=adam, steps=S, key=key, progress=False)`, the
+  default (non-finite steps skipped), chunks of 100 steps, the loss history fetched per chunk.
+- ours ppl.fit, no check: the same with `skip_nonfinite=False`.
+- hand+optax: one jitted function initializing Adam and running hand+optax's step S times in a
+  `lax.scan` that also returns each step's loss, fetched to the host at the end.
 
 Everything runs under `jax.jit`. Per batch size and group, interleaved: compile time (trace + lower,
 and XLA compile, of a fresh jit, median over repetitions) and steady-state time (rounds of calls,
@@ -64,6 +73,7 @@ from benchmarks import (
     print_machine,
     print_markdown,
     scan_loop,
+    steady_rounds,
     summarize,
 )
 from ppl import dist
@@ -263,6 +273,43 @@ def loop_group(length):
     return "hand+optax", {name: (init, scan_loop(step, length)) for name, (init, step) in STEPS.items()}
 
 
+def fit_group(steps):
+    """`fit` variants: (params, x, key) -> (params, losses) of a whole run of `steps` steps."""
+    hand_step = optax_step(hand_loss_and_grad, OPTIMIZER)
+
+    @jax.jit
+    def hand(params, x, key):
+        def body(state, k):
+            return hand_step(state, x, k)
+
+        (params, _), losses = jax.lax.scan(body, (params, OPTIMIZER.init(params)), jax.random.split(key, steps))
+        return params, losses
+
+    def ours(skip_nonfinite):
+        options = {"optimizer": OPTIMIZER, "steps": steps, "progress": False, "skip_nonfinite": skip_nonfinite}
+        return lambda params, x, key: ppl.fit(elbo, params, x, key=key, **options)
+
+    def hand_fit(params, x, key):
+        params, losses = hand(params, x, key)
+        return params, np.asarray(losses)
+
+    return "hand+optax", {"ours ppl.fit": ours(True), "ours ppl.fit, no check": ours(False), "hand+optax": hand_fit}
+
+
+def measure_fit(batch, steps, args):
+    """Rows of the `fit` group at one batch size: whole runs, interleaved, timed per step."""
+    reference, calls = fit_group(steps)
+    params, x = init_params(jax.random.key(1)), make_data(batch)
+    keys = list(jax.random.split(jax.random.key(7), args.fit_calls))
+    monitor = CpuMonitor(args.quiet_cores)
+    rounds = steady_rounds(calls, {name: (params, x) for name in calls}, keys, args.rounds, monitor, args.max_wait)
+    res = {name: {"compile_reps": [], "rounds": r} for name, r in rounds.items()}
+    rows = summarize(res, reference, args.quiet_cores, steps)
+    for row in rows:
+        row |= {"batch": batch, "group": f"fit ({steps} steps)", "reference": reference}
+    return rows
+
+
 # -- checks ---------------------------------------------------------------------------------------
 
 
@@ -403,11 +450,15 @@ def print_verdicts(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 1024])
-    parser.add_argument("--groups", nargs="+", default=["grad", "step", "loop"], choices=["grad", "step", "loop"])
+    parser.add_argument(
+        "--groups", nargs="+", default=["grad", "step", "loop"], choices=["grad", "step", "loop", "fit"]
+    )
     parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds of steady-state calls")
     parser.add_argument("--calls", type=int, default=0, help="calls per round (default: 20 for B<=256, else 5)")
     parser.add_argument("--loop-steps", type=int, default=0, help="steps per scan (default: 3200 / B, at least 5)")
     parser.add_argument("--loop-calls", type=int, default=3, help="scans per round")
+    parser.add_argument("--fit-steps", type=int, default=0, help="steps per fit (default: 32000 / B, at least 100)")
+    parser.add_argument("--fit-calls", type=int, default=1, help="fits per round")
     parser.add_argument("--compile-reps", type=int, default=3)
     parser.add_argument("--check-keys", type=int, default=64, help="keys for the independent-noise check")
     parser.add_argument("--hlo", action="store_true", help="print the optimized-HLO opcodes that differ")
@@ -430,7 +481,9 @@ def main(argv=None):
         )
         calls = args.calls or (20 if batch <= 256 else 5)
         for group in args.groups:
-            if group == "loop":
+            if group == "fit":
+                rows += measure_fit(batch, args.fit_steps or max(100, 32000 // batch), args)
+            elif group == "loop":
                 length = args.loop_steps or max(5, 3200 // batch)
                 reference, variants = loop_group(length)
                 rows += measure_group(

@@ -12,10 +12,11 @@ Objectives are *maximized* (an ELBO, a bound on log p(x)); the loss reported is 
     state, more = ppl.fit(objective, state, x, ..., steps=1000, key=key, return_state=True)
     # the same parameters, bit for bit, as one fit of 2000 steps
 
-`fit` runs chunks of steps in a `lax.fori_loop` inside one `jax.jit` (so Python does no per-step
+`fit` runs chunks of steps in a `lax.while_loop` inside one `jax.jit` (so Python does no per-step
 work), compiles once per objective/optimizer/shape (a second `fit` with the same shapes reuses the
-compiled chunk), shows a `tqdm` progress bar with the running loss, and skips non-finite updates,
-counting them (`skip_nonfinite=False` turns the check off). With `batch_size`, each step sees
+compiled chunk), shows a `tqdm` progress bar with the running loss, skips non-finite updates,
+counting them (`skip_nonfinite=False` turns the check off), and with `checkpoint=directory` saves
+its state after every chunk and resumes from it (`ppl.checkpoint`). With `batch_size`, each step sees
 a random minibatch of the leading axis of the data arguments; objectives scale their per-datum
 terms with `ppl.plate(..., subsample_size=...)` or by hand, so the minibatch gradient is unbiased
 for the full-data one.
@@ -41,6 +42,7 @@ from jax.tree_util import keystr, tree_flatten_with_path
 from tqdm.auto import tqdm
 
 from ppl import distributed
+from ppl.checkpoint import Checkpoints, leaf_specs
 from ppl.expectation import Expectation
 from ppl.gen import GenerativeFunction
 from ppl.leaves import combine, partition
@@ -211,7 +213,7 @@ def svi(objective, optimizer, skip_nonfinite=True, mesh=None, data_argnums=None)
     such a step leaves the parameters and optimizer state unchanged (`info["skipped"]`; the step
     counter still advances). The check runs the update under a `lax.cond`, which costs time on
     small models (`benchmarks/RESULTS.md`); `skip_nonfinite=False` applies every update, as optax
-    and NumPyro's `SVI.update` do.
+    and NumPyro's `SVI.update` do. `fit` does not use this check (see its `skip_nonfinite`).
 
     `mesh`: a `jax.sharding.Mesh` or `ppl.Sharding` (see `ppl.distributed`): the step shards the
     leading axis of the data arguments (positions `data_argnums` in `args`, default all) over the
@@ -271,32 +273,84 @@ def _value_and_grad(objective, frozen):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_chunk(objective, optimizer, length, batch_size, data_argnums, skip_nonfinite, static, spec, placement):
-    """One jitted function running `steps <= length` steps (a traced count, so the last, partial
-    chunk reuses the same compiled code) in a `lax.fori_loop` on the array leaves of an `SVIState`
-    (`static` holds the others); returns them and each step's loss and non-finite flag in arrays of
-    `length` (entries past `steps` are padding). Step `t` of a run (`state.step == t`) draws from
-    `fold_in(key, t)`, so the draws depend on neither the chunking nor where a run was resumed.
-    With a mesh (`spec`), the state comes back with its input shardings (`placement`), so the next
-    chunk reuses the compiled code, and the losses replicated."""
-    vi = svi(objective, optimizer, skip_nonfinite, spec, data_argnums)
+def _compiled_chunk(objective, optimizer, length, batch_size, data_argnums, static, spec, placement, precise):
+    """One jitted `run(arrays, key, steps, stop, skipped, args) -> (arrays, info)` on the array leaves
+    of an `SVIState` (`static` holds the others): up to `steps <= length` unguarded steps (plain
+    optax updates) in a `lax.while_loop`, stopping after the first non-finite step if `stop`, then
+    `skipped` (0 or 1) added to the step counter. `info`: each step's loss and non-finite flag, in
+    arrays of `length` (entries past the last step run are padding), and whether the trained
+    parameters at the end are `finite`. A step's flag: its loss is not finite, or if `precise`,
+    the parameters it produced are not (`_finite_sums`, which costs ~9% of a small step; without
+    `precise`, a non-finite update shows in the end parameters, as NaN and inf stay in `p + u`).
+    The counts are traced, so every run of a fit, the last partial chunk included, reuses one
+    compiled program. Step `t` of a run (`state.step == t`) draws from `fold_in(key, t)`, so the
+    draws depend on neither the chunking nor where a run was resumed. With a mesh (`spec`), the
+    state comes back with its input shardings (`placement`), so the next chunk reuses the
+    compiled code, and the losses replicated."""
+    vi = svi(objective, optimizer, skip_nonfinite=False, mesh=spec, data_argnums=data_argnums)
 
-    def chunk(arrays, key, steps, args):
-        def one(i, carry):
-            arrays, losses, nonfinite = carry
+    def chunk(arrays, key, steps, stop, skipped, args):
+        def running(carry):
+            i, _, _, _, last_nonfinite = carry
+            return (i < steps) & ~(stop & last_nonfinite)
+
+        def one(carry):
+            i, arrays, losses, nonfinite, _ = carry
             state = static.combine(arrays)
             step_key, batch_key = jax.random.split(jax.random.fold_in(key, state.step))
             state, info = vi.step(step_key, state, *_minibatch(batch_key, args, data_argnums, batch_size))
             arrays, _ = _Static.split(state)
-            return arrays, losses.at[i].set(info["loss"]), nonfinite.at[i].set(info["nonfinite"])
+            finite = jnp.isfinite(info["loss"])
+            if precise:
+                finite &= _finite_sums(partition(state.params, _is_trained)[0])
+            return i + 1, arrays, losses.at[i].set(info["loss"]), nonfinite.at[i].set(~finite), ~finite
 
-        init = (arrays, jnp.full(length, jnp.nan, jnp.result_type(float)), jnp.zeros(length, bool))
-        arrays, losses, nonfinite = jax.lax.fori_loop(0, steps, one, init)
-        return arrays, {"loss": losses, "nonfinite": nonfinite}
+        init = (0, arrays, jnp.full(length, jnp.nan, jnp.result_type(float)), jnp.zeros(length, bool), False)
+        _, arrays, losses, nonfinite, _ = jax.lax.while_loop(running, one, init)
+        state = static.combine(arrays)
+        arrays, _ = _Static.split(state._replace(step=state.step + skipped))
+        finite = _finite_sums(partition(state.params, _is_trained)[0])
+        return arrays, {"loss": losses, "nonfinite": nonfinite, "finite": finite}
 
     if spec is None:
         return jax.jit(chunk)
     return jax.jit(chunk, out_shardings=(placement.tree(), spec.replicated))
+
+
+def _finite_sums(tree):
+    """Whether each leaf of `tree` sums to a finite number: a test for a NaN or an infinity."""
+    sums = [jnp.isfinite(jnp.sum(leaf)) for leaf in jax.tree.leaves(tree)]
+    return functools.reduce(operator.and_, sums, jnp.array(True))
+
+
+def _run_chunk(runs, arrays, key, n, args, skip_nonfinite):
+    """`n` steps from `arrays` with `runs`, the fast and the precise `_compiled_chunk`: (arrays,
+    losses, nonfinite flags).
+
+    Every applied step is a plain optax update run by the fast program, at the speed of a
+    hand-written loop. With `skip_nonfinite`, a run stops after its first non-finite loss; if one
+    appeared or the parameters at the end are not finite, the precise program runs the same steps
+    again to find the first step whose loss or parameters are not finite, the fast one runs the
+    steps before it again from the same start (same code, same inputs: the same bits) and advances
+    the step counter past it, and the rest of the chunk continues from there. A clean chunk runs
+    once; one with non-finite steps costs at most about three times its steps."""
+    fast, precise = runs
+    losses, nonfinite = [], []
+    while n:
+        after, info = fast(arrays, key, n, skip_nonfinite, 0, args)
+        loss, bad = np.asarray(info["loss"])[:n], np.asarray(info["nonfinite"])[:n]
+        if skip_nonfinite and (bad.any() or not info["finite"]):
+            _, found = precise(arrays, key, n, True, 0, args)
+            bad = bad | np.asarray(found["nonfinite"])[:n]
+            if bad.any():
+                ran = int(np.argmax(bad)) + 1  # up to the first non-finite step
+                after, before = fast(arrays, key, ran - 1, False, 1, args)  # the steps before it again, then skip it
+                loss = np.append(np.asarray(before["loss"])[: ran - 1], np.asarray(found["loss"])[ran - 1])
+                bad = np.arange(ran) == ran - 1
+        losses.append(loss)
+        nonfinite.append(bad)
+        arrays, n = after, n - loss.size
+    return arrays, np.concatenate(losses), np.concatenate(nonfinite)
 
 
 def _minibatch(key, args, data_argnums, batch_size):
@@ -323,6 +377,7 @@ def fit(
     skip_nonfinite=True,
     return_state=False,
     mesh=None,
+    checkpoint=None,
 ):
     """Maximize `objective(params, *args)` for `steps` steps; returns `(params, losses)`, or with
     `return_state`, `(state, losses)` where `state` is the `SVIState` (params, optimizer state,
@@ -343,14 +398,40 @@ def fit(
     one skipped for a non-finite gradient keeps its finite loss. A warning reports how many steps
     were skipped; another, which trained leaves of the final parameters are not finite, if any (as
     with `skip_nonfinite=False` once a gradient is NaN), and how many steps had a non-finite loss
-    or gradient.
+    (with the check: or update).
+
+    `skip_nonfinite` (default True): skip the steps whose loss, or the trained parameters their
+    update would produce, are not finite (a NaN or infinite gradient gives non-finite optax updates
+    and so such parameters); a skipped step leaves the parameters and optimizer state as they were,
+    and still advances the step counter. Every step runs as a plain optax update at the speed of a
+    hand-written loop, testing only its loss; the parameters are tested once per chunk (a NaN or
+    an infinity stays in them). Only a chunk where either test fails is run again, with a test of
+    the parameters after every step, up to its first non-finite step, which is skipped by running
+    the steps before it once more from the chunk's start; so a clean chunk runs once, one with
+    non-finite steps costs up to about three times. Each applied step runs the same compiled code,
+    so the result does not depend on `chunk_size`, and differs from a loop of `svi(...).step`
+    (whose `lax.cond` XLA compiles with other rounding) only in the last bits. Sharp edges: an optimizer that turns
+    non-finite gradients into finite updates (`optax.zero_nans`) has those steps applied, and a
+    trained leaf that is not finite from the start (a `-inf` mask) makes every step count as
+    non-finite: keep it out of `params`. `False`: apply every update, as optax does.
+
+    `checkpoint`: a directory (str or path). After every chunk, the run's state (parameters,
+    optimizer state, step counter) and the losses so far are saved there with Orbax (atomically;
+    the latest save is kept); calling `fit` again with the same arguments and directory, after an
+    interruption, resumes from the latest save and returns exactly what an uninterrupted fit
+    returns, parameters and the whole `losses` bit for bit, static leaves taken from `params`. A
+    directory holding another fit's save (other steps, key, parameter structure, shapes or
+    `batch_size`; see `ppl.checkpoint`) raises a ValueError naming the difference. A finished
+    fit's save stays: the same call returns its result without training. Each save costs a few
+    tens of milliseconds (it is written while the next chunk runs): choose `chunk_size` so that a
+    chunk takes longer.
 
     `batch_size`: minibatch the leading axis of the arguments listed in `data_argnums` (positions
     in `args`; default: all of them); they must share that axis, of length >= `batch_size`.
     `chunk_size`: steps per compiled call (one progress-bar update each). `progress`: show a
     `tqdm.auto` bar (also in Jupyter), one update per chunk, with the mean loss over the last
     chunk's applied steps and the running count of skipped steps once there are any; `False`
-    prints nothing. `skip_nonfinite`: as in `svi`.
+    prints nothing.
 
     `mesh`: train on several devices or hosts, data- and particle-parallel (`ppl.distributed`): a
     `jax.sharding.Mesh`, e.g. `jax.make_mesh((n,), ("data",))`, or a `ppl.Sharding` naming its
@@ -379,24 +460,64 @@ def fit(
         distributed.check_sizes(spec, args, data_argnums, batch_size)
     state = params if isinstance(params, SVIState) else svi(objective, optimizer, skip_nonfinite).init(params)
     arrays, static = _Static.split(_strong(state))
+    saves = None
+    if checkpoint is not None:
+        described = _description(arrays, key, args, steps, skip_nonfinite, batch_size, data_argnums)
+        saves = Checkpoints(checkpoint, described)
     arrays, key, args, placement = _placed(spec, arrays, key, args, data_argnums, batch_size)
-    losses, nonfinite = [np.zeros(0, jnp.result_type(float))], [np.zeros(0, bool)]
-    if steps:
-        length = min(chunk_size, steps)
-        run = _compiled_chunk(
-            objective, optimizer, length, batch_size, data_argnums, skip_nonfinite, static, spec, placement
-        )
-        with tqdm(total=steps, disable=not progress, unit="step") as bar:
-            postfix = {}
-            for done in range(0, steps, length):
-                n = min(length, steps - done)
-                arrays, info = run(arrays, key, n, args)
-                losses.append(np.asarray(info["loss"])[:n])  # sliced on the host: no program to compile
-                nonfinite.append(np.asarray(info["nonfinite"])[:n])
-                _show(bar, postfix, losses[-1], nonfinite[-1], skip_nonfinite)
+    length = max(1, min(chunk_size, steps))
+    compiled = functools.partial(_compiled_chunk, objective, optimizer, length, batch_size, data_argnums, static)
+    run = compiled(spec, placement, False), compiled(spec, placement, True)  # the second compiles only if called
+    try:
+        arrays, losses, nonfinite = _chunks(run, arrays, key, args, steps, length, skip_nonfinite, progress, saves)
+    finally:
+        if saves is not None:
+            saves.close()
     state = static.combine(arrays)
-    _warn_nonfinite(state.params, np.concatenate(nonfinite), skip_nonfinite)
-    return (state if return_state else state.params), jnp.asarray(np.concatenate(losses))
+    _warn_nonfinite(state.params, nonfinite, skip_nonfinite)
+    return (state if return_state else state.params), jnp.asarray(losses)
+
+
+def _chunks(run, arrays, key, args, steps, length, skip_nonfinite, progress, saves):
+    """`fit`'s loop: `steps` steps of `run` in chunks of `length`, resumed from the latest of
+    `saves` (a `Checkpoints`, or None) and saved after each chunk; (arrays, losses, nonfinite)."""
+    losses, nonfinite = [np.zeros(0, jnp.result_type(float))], [np.zeros(0, bool)]
+    done = 0
+    restored = saves.restore(arrays, losses[0].dtype) if saves is not None else None
+    if restored is not None:
+        done, arrays, *history = restored
+        losses[0], nonfinite[0] = history
+    with tqdm(total=steps, initial=done, disable=not progress, unit="step") as bar:
+        postfix = _count_nonfinite({}, nonfinite[0], skip_nonfinite)
+        for start in range(done, steps, length):
+            n = min(length, steps - start)
+            arrays, chunk_losses, chunk_nonfinite = _run_chunk(run, arrays, key, n, args, skip_nonfinite)
+            losses.append(chunk_losses)
+            nonfinite.append(chunk_nonfinite)
+            if saves is not None:
+                saves.save(start + n, arrays, np.concatenate(losses), np.concatenate(nonfinite))
+            _show(bar, postfix, chunk_losses, chunk_nonfinite, skip_nonfinite)
+    return arrays, np.concatenate(losses), np.concatenate(nonfinite)
+
+
+def _description(arrays, key, args, steps, skip_nonfinite, batch_size, data_argnums):
+    """What a checkpoint records of a fit (see `ppl.checkpoint`), to refuse resuming another."""
+    key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return {
+        "steps": steps,
+        "key": [str(key.dtype), _host_value(key_data).tolist()],
+        "first_step": int(_host_value(arrays.step)),
+        "skip_nonfinite": bool(skip_nonfinite),
+        "batch_size": batch_size,
+        "data_argnums": list(data_argnums),
+        "state": leaf_specs(arrays),
+        "args": leaf_specs(args),
+    }
+
+
+def _host_value(x):
+    """The value of a local or replicated array on this host (a multi-host array is not fetchable whole)."""
+    return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
 
 
 def _placed(spec, arrays, key, args, data_argnums, batch_size):
@@ -416,19 +537,24 @@ def _show(bar, postfix, losses, nonfinite, skip_nonfinite):
     applied = losses[~nonfinite] if skip_nonfinite else losses
     if applied.size:
         postfix["loss"] = f"{applied.mean():.4g}"
+    bar.set_postfix(_count_nonfinite(postfix, nonfinite, skip_nonfinite), refresh=False)
+    bar.update(losses.size)
+
+
+def _count_nonfinite(postfix, nonfinite, skip_nonfinite):
+    """`postfix` with the non-finite steps among `nonfinite` added to its running count, if any."""
     if nonfinite.any():
         label = "skipped" if skip_nonfinite else "nonfinite"
         postfix[label] = postfix.get(label, 0) + int(nonfinite.sum())
-    bar.set_postfix(postfix, refresh=False)
-    bar.update(losses.size)
+    return postfix
 
 
 def _warn_nonfinite(params, nonfinite, skip_nonfinite):
     """`fit`'s warnings: how many steps were skipped; which trained leaves of the final
-    parameters are not finite, with how many steps had a non-finite loss or gradient."""
+    parameters are not finite, with how many steps had a non-finite loss or update."""
     steps, count = nonfinite.size, int(nonfinite.sum())
     if skip_nonfinite and count:
-        warnings.warn(f"fit skipped {count} of {steps} steps whose gradient or loss was not finite", stacklevel=3)
+        warnings.warn(f"fit skipped {count} of {steps} steps whose loss or update was not finite", stacklevel=3)
     bad = _nonfinite_leaves(params)
     if bad:
         first = f" (the first: losses[{np.argmax(nonfinite)}])" if count else ""
@@ -439,7 +565,7 @@ def _warn_nonfinite(params, nonfinite, skip_nonfinite):
         )
         warnings.warn(
             f"fit ended with non-finite parameters at {', '.join(bad)}; {count} of {steps} steps had a "
-            f"non-finite loss or gradient{first}: {hint}",
+            f"non-finite loss{' or update' if skip_nonfinite else ''}{first}: {hint}",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -194,6 +194,129 @@ def test_steps_with_a_nan_loss_or_a_nan_gradient_are_skipped_and_counted():
     np.testing.assert_allclose(params2["loc"], params["loc"], rtol=1e-5)
 
 
+def guarded_steps(objective, params, flag, steps, key):
+    """The always-guarded semantics: `ppl.svi`'s step (its update under a `lax.cond` on the loss
+    and gradient), jitted, one call per step, drawing as fit's step t does (the first half of
+    `split(fold_in(key, t))`). Returns (state, losses)."""
+    vi = ppl.svi(objective, SKIP_OPTIMIZER)
+    step = jax.jit(vi.step)
+    state, losses = vi.init(params), []
+    for t in range(steps):
+        state, info = step(jax.random.split(jax.random.fold_in(key, t))[0], state, flag)
+        losses.append(info["loss"])
+    return state, np.asarray(losses)
+
+
+def applied_updates(state):
+    """Adam's count of the updates applied (a skipped step leaves the optimizer state alone)."""
+    return int(state.opt_state[0].count)
+
+
+@pytest.mark.parametrize("objective", [nan_in_the_tail, nan_gradient_in_the_tail], ids=["nan-loss", "nan-gradient"])
+def test_fit_skips_the_steps_the_always_guarded_step_skips(objective):
+    """fit runs every step unguarded and re-runs a chunk up to a non-finite step to skip it: the
+    same steps are skipped as by the guarded step, whatever the chunk size, bit for bit between
+    chunk sizes and to float rounding against the guarded step (whose cond XLA compiles apart)."""
+    params, key, steps = {"loc": jnp.array(0.7)}, jax.random.key(3), 120
+    reference, reference_losses = guarded_steps(objective, params, jnp.array(0.0), steps, key)
+    assert 0 < applied_updates(reference) < steps  # some steps skipped, not all
+    fits = []
+    for chunk_size in (1, 7, 120):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fits.append(
+                ppl.fit(
+                    objective,
+                    params,
+                    jnp.array(0.0),
+                    optimizer=SKIP_OPTIMIZER,
+                    steps=steps,
+                    key=key,
+                    chunk_size=chunk_size,
+                    return_state=True,
+                    progress=False,
+                )
+            )
+    for state, losses in fits:
+        assert int(state.step) == steps and applied_updates(state) == applied_updates(reference)
+        np.testing.assert_array_equal(np.isnan(losses), np.isnan(reference_losses))
+        np.testing.assert_allclose(losses, reference_losses, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(state.params["loc"], reference.params["loc"], rtol=1e-5)
+        for mine, first in zip(jax.tree.leaves(state), jax.tree.leaves(fits[0][0])):
+            np.testing.assert_array_equal(mine, first)
+        np.testing.assert_array_equal(losses, fits[0][1])
+    # negative control: without the check those updates go in (NaN ones, or for a NaN loss, finite
+    # ones), and the run lands elsewhere
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unchecked, _ = ppl.fit(
+            objective,
+            params,
+            jnp.array(0.0),
+            optimizer=SKIP_OPTIMIZER,
+            steps=steps,
+            key=key,
+            progress=False,
+            skip_nonfinite=False,
+        )
+    assert not np.isclose(unchecked["loc"], reference.params["loc"], rtol=1e-3)
+
+
+class CountingRuns:
+    """Wraps fit's compiled chunks: per call, (which program: "fast" or "precise", steps asked
+    for, steps computed)."""
+
+    def __init__(self, monkeypatch):
+        self.calls, compiled = [], ppl.train._compiled_chunk
+
+        def counting(*key):
+            run, name = compiled(*key), "precise" if key[-1] else "fast"
+
+            def counted(arrays, key, steps, stop, skipped, args):
+                out = run(arrays, key, steps, stop, skipped, args)
+                self.calls.append((name, steps, int(out[0].step) - int(arrays.step) - skipped))
+                return out
+
+            return counted
+
+        monkeypatch.setattr(ppl.train, "_compiled_chunk", counting)
+
+
+def test_a_clean_chunk_runs_once_and_a_non_finite_step_costs_a_rerun_up_to_it(monkeypatch):
+    runs = CountingRuns(monkeypatch)
+    options = {"optimizer": SKIP_OPTIMIZER, "key": jax.random.key(3), "progress": False}
+    ppl.fit(nan_when_flagged, {"loc": jnp.array(0.7)}, jnp.array(0.0), steps=25, chunk_size=10, **options)
+    assert runs.calls == [("fast", 10, 10), ("fast", 10, 10), ("fast", 5, 5)]  # one call per chunk
+    runs.calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ppl.fit(nan_when_flagged, {"loc": jnp.array(0.7)}, jnp.array(1.0), steps=3, chunk_size=3, **options)
+    # every step NaN: each run stops after its first step, the precise run finds it is the first,
+    # and skipping it re-runs nothing
+    per_step = lambda n: [("fast", n, 1), ("precise", n, 1), ("fast", 0, 0)]
+    assert runs.calls == per_step(3) + per_step(2) + per_step(1)
+    runs.calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state, losses = ppl.fit(
+            nan_gradient_in_the_tail,
+            {"loc": jnp.array(0.7)},
+            jnp.array(0.0),
+            steps=60,
+            chunk_size=60,
+            return_state=True,
+            **options,
+        )
+    # finite losses, NaN gradients: the fast run sees them in the end parameters (and stops at the
+    # next step, whose loss the NaN parameters make NaN); per skipped step a fast run, a precise
+    # one and a fast re-run up to it, then the clean rest of the chunk
+    skipped = 60 - applied_updates(state)
+    assert np.all(np.isfinite(losses)) and 1 < skipped < 30
+    names = [name for name, *_ in runs.calls]
+    assert names[: 3 * skipped] == ["fast", "precise", "fast"] * skipped and names[3 * skipped :] in ([], ["fast"])
+    assert sum(computed for *_, computed in runs.calls) <= 3 * 60 + skipped
+
+
 def test_a_skipped_svi_step_leaves_the_state_unchanged():
     vi = ppl.svi(nan_gradient_in_the_tail, optax.adam(0.1))
     state = vi.init({"loc": jnp.array(1.45)})  # half the draws land more than 0.45 from 1

@@ -159,13 +159,13 @@ def test_non_finite_parameters_at_the_end_are_named_with_the_steps_that_made_the
     assert bool(jnp.isnan(params["net"]["a"])) and bool(jnp.isfinite(params["b"]))
     (message,) = [m for m in messages if "non-finite parameters" in m]
     assert "['net']['a']" in message and "['b']" not in message
-    assert "7 of 10 steps had a non-finite loss or gradient (the first: losses[3])" in message
+    assert "7 of 10 steps had a non-finite loss (the first: losses[3])" in message
     assert "skip_nonfinite=True" in message
     assert np.array_equal(np.isnan(losses), np.arange(10) >= 3)
     # negative control: with the check, the same steps are skipped, and the parameters stay finite
     params, losses, messages = fit_into_a_sqrt(skip_nonfinite=True)
     assert np.isfinite(params["net"]["a"]) and not [m for m in messages if "non-finite parameters" in m]
-    assert messages == ["fit skipped 7 of 10 steps whose gradient or loss was not finite"]
+    assert messages == ["fit skipped 7 of 10 steps whose loss or update was not finite"]
 
 
 # -- the loss history and the progress bar ---------------------------------------------------------
