@@ -4,7 +4,7 @@ Models and guides are generative functions (`@gen`, `sample`); objectives are pr
 (`@expectation` with `sim` and `density`) that ADEV turns into unbiased gradient estimators.
 """
 
-from ppl import autoguide, diagnostics, dist, distributed, objectives
+from ppl import autoguide, diagnostics, dist, distributed, flows, objectives
 from ppl.choicemap import ChoiceMap, Trace
 from ppl.distributed import Sharding
 from ppl.expectation import Expectation, density, expectation, sim
@@ -38,6 +38,7 @@ __all__ = [
     "exact",
     "expectation",
     "fit",
+    "flows",
     "gen",
     "log_likelihood",
     "marginal",
