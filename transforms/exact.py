@@ -23,7 +23,10 @@ then sums the factors out:
   from one that does not.
 - A `lax.scan` whose body holds summed-out sites is a Markov chain: its state is the joint value
   of the body's summed-out sites, and the forward algorithm (Rabiner, 1989) sums it out in
-  O(T S^2) time inside one `lax.scan` (compile time independent of T). The carry must depend on
+  O(T S^2) time inside one `lax.scan` (compile time independent of T). When the carry is the
+  state alone, every step's factors are computed at once, vectorized over the steps (those that
+  do not depend on the step's inputs, a transition table, once), and only the forward recursion
+  is sequential, as in a hand-written forward algorithm. The carry must depend on
   the previous step's summed-out values only through this step's sites (first-order Markov);
   anything else is refused, naming the addresses. A scan under `jax.vmap` (several sequences) runs
   one chain per element.
@@ -342,49 +345,88 @@ class _Chain:
         sizes = tuple(ax.size for ax in axes.values())
         return _Structure(state, poisoned, size, elements, scale, addresses, elim.summed, sizes)
 
+    def table(self, structure, consts, prev, free, x):
+        """One step without its alpha update: (its log factor table (S, S) + elements, over the
+        previous state and this step's; the carry with the state positions replaced by this step's
+        state values, (S,) + their shape each; the carry's free positions; the outputs that do not
+        depend on the state)."""
+        size, elements = structure.size, structure.elements
+        elim, previous, outs = self.step(structure.state, size, elements, consts, (None, prev, free), x)
+        axes = [(a, ax.size) for a, ax in elim.axes.items()]
+        mine = [(a, n) for a, n in axes if a != previous]
+        table = 0.0
+        for f in elim.factors:
+            table = table + _on_axes(f, elim.axes, axes, elements)
+        table = jnp.broadcast_to(table, tuple(n for _, n in axes) + elements).reshape((size, size) + elements)
+        prev, free, ys = list(prev), list(free), []
+        for i, o in enumerate(outs):
+            if i in structure.state:
+                if any(a == previous for a, _ in o.worlds):
+                    raise NotImplementedError(_non_markov(structure.addresses, i))
+                dense = _expand(o.primal, o.worlds, mine)
+                shape = tuple(n for _, n in mine) + jnp.shape(o.primal)[len(o.worlds) :]
+                prev[i] = jnp.broadcast_to(dense, shape).reshape((size,) + shape[len(mine) :])
+            elif i < self.nk:
+                free[i] = o.primal
+            elif i not in structure.poisoned:
+                ys.append(o.primal)
+        return table, prev, free, ys
+
     def forward(self, ins, structure, record=False):
         """(log of the chain's total (or max) weight, per element; the scan's outputs that do not
         depend on the state; with `record` the filtering record [each step's incoming log alpha
         (T, S) + elements, its table (T, S, S) + elements, the final log alpha], else []) for
-        inputs without worlds."""
+        inputs without worlds. Without free carry positions every step's table is computed at
+        once (`tables_at_once`) and only the alpha update is sequential, as in a hand-written
+        forward algorithm; otherwise each step computes its table inside the scan."""
         consts, init, xs = ins[: self.nc], ins[self.nc : self.nc + self.nk], ins[self.nc + self.nk :]
-        size, elements, semiring = structure.size, structure.elements, self.outer.semiring
-        addresses = structure.addresses
-
-        def step(carry, x):
-            alpha = carry[0]
-            elim, previous, outs = self.step(structure.state, size, elements, consts, carry, x)
-            axes = [(a, ax.size) for a, ax in elim.axes.items()]
-            mine = [(a, n) for a, n in axes if a != previous]
-            table = 0.0
-            for f in elim.factors:
-                table = table + _on_axes(f, elim.axes, axes, elements)
-            table = jnp.broadcast_to(table, tuple(n for _, n in axes) + elements).reshape((size, size) + elements)
-            filtered = [alpha, table] if record else []
-            alpha = semiring.sum(alpha[:, None] + table, 0)
-            prev, free, ys = list(carry[1]), list(carry[2]), []
-            for i, o in enumerate(outs):
-                if i in structure.state:
-                    if any(a == previous for a, _ in o.worlds):
-                        raise NotImplementedError(_non_markov(addresses, i))
-                    dense = _expand(o.primal, o.worlds, mine)
-                    shape = tuple(n for _, n in mine) + jnp.shape(o.primal)[len(o.worlds) :]
-                    prev[i] = jnp.broadcast_to(dense, shape).reshape((size,) + shape[len(mine) :])
-                elif i < self.nk:
-                    free[i] = o.primal
-                elif i not in structure.poisoned:
-                    ys.append(o.primal)
-            return (alpha, prev, free), (ys, filtered)
-
-        alpha = jnp.full((size,) + elements, -jnp.inf, jnp.result_type(float)).at[0].set(0.0)
-        prev = [jnp.broadcast_to(c, (size,) + jnp.shape(c)) if i in structure.state else c for i, c in enumerate(init)]
+        semiring, reverse = self.outer.semiring, self.eqn.params["reverse"]
+        alpha = jnp.full((structure.size,) + structure.elements, -jnp.inf, jnp.result_type(float)).at[0].set(0.0)
+        prev = [
+            jnp.broadcast_to(c, (structure.size,) + jnp.shape(c)) if i in structure.state else c
+            for i, c in enumerate(init)
+        ]
         x = (xs, self.reads, self.offsets)
-        (alpha, _, free), (ys, filtered) = lax.scan(
-            step, (alpha, prev, list(init)), x, length=self.length, reverse=self.eqn.params["reverse"]
-        )
-        log_z = semiring.sum(alpha, 0)
-        outs = [free[i] for i in range(self.nk) if i not in structure.state] + list(ys)
-        return log_z, outs, filtered + [alpha] if record else []
+
+        def update(alpha, table):  # the next alpha, and with `record` the incoming one
+            return semiring.sum(alpha[:, None] + table, 0), alpha if record else None
+
+        if structure.state == frozenset(range(self.nk)) and self.length > 0:
+            tables, ys = self.tables_at_once(structure, consts, prev, x)
+            alpha, alphas = lax.scan(update, alpha, tables, length=self.length, reverse=reverse)
+            free, filtered = [], [alphas, tables]
+        else:
+
+            def step(carry, x):
+                alpha, prev, free = carry
+                table, prev, free, ys = self.table(structure, consts, prev, free, x)
+                alpha, incoming = update(alpha, table)
+                return (alpha, prev, free), (ys, [incoming, table] if record else [])
+
+            (alpha, _, free), (ys, filtered) = lax.scan(
+                step, (alpha, prev, list(init)), x, length=self.length, reverse=reverse
+            )
+            free = [free[i] for i in range(self.nk) if i not in structure.state]
+        return semiring.sum(alpha, 0), free + list(ys), filtered + [alpha] if record else []
+
+    def tables_at_once(self, structure, consts, init, x):
+        """Every step's table, (T, S, S) + elements, and outputs, under `jax.vmap` over the steps,
+        for a chain whose carry is all state. A step's state values do not depend on the previous
+        state (the Markov condition), so step t's table is found from the inputs of steps t and
+        t - 1 alone (the first step's from the initial carry): what does not depend on the inputs
+        (a transition table from the parameters) is computed once, not once per step."""
+        step = lambda prev, x: self.table(structure, consts, prev, prev, x)  # all carry is state: no free positions
+        given_before = lambda x_before, x: step(step(init, x_before)[1], x)
+        at = lambda t: jax.tree.map(lambda a: a[t], x)
+        reverse = self.eqn.params["reverse"]  # then the first step is the last, and each reads the one after it
+        table, _, _, ys = step(init, at(-1 if reverse else 0))
+        if self.length == 1:
+            return table[None], [y[None] for y in ys]
+        early, late = at(slice(None, -1)), at(slice(1, None))
+        before, after = (late, early) if reverse else (early, late)
+        tables, _, _, rest = jax.vmap(given_before, axis_size=self.length - 1)(before, after)
+        join = lambda one, rest: jnp.concatenate([rest, one[None]] if reverse else [one[None], rest])
+        return join(table, tables), [join(y, r) for y, r in zip(ys, rest)]
 
 
 def _on_axes(factor, axes, wanted, elements):

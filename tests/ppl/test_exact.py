@@ -190,6 +190,62 @@ def test_backward_sampling_draws_whole_paths_from_the_exact_posterior():
     assert not np.all(np.abs(np.asarray(_path_frequencies(paths, independent)) - posterior) < 5 * se)
 
 
+def _chain(step, init, reverse=False):
+    """models/hmm.py's two-state chain over x with the scan body `step(carry, x_t)`."""
+
+    @ppl.gen
+    def chain(params, x):
+        jax.lax.scan(step, init, x, reverse=reverse)
+
+    return chain
+
+
+def _hmm_step(prev, x_t):
+    return _emit(hmm._ROWS[prev], 0.0, x_t), None
+
+
+def _emit(row, shift, x_t):
+    z = ppl.sample("z", dist.Categorical(probs=row))
+    ppl.sample("x", dist.Normal(hmm.MEANS[z] + shift, hmm.SCALE), obs=x_t)
+    return z
+
+
+def _counting_step(carry, x_t):  # a free carry position (a step counter): each step's table inside the scan
+    prev, t = carry
+    return (_emit(hmm._ROWS[prev], 0.3 * t, x_t), t + 1.0), None
+
+
+def _encoded_step(prev, x_t):  # the state's value depends on the data: z + S after x_t > 0, which flips the next row
+    z = _emit(jnp.vstack([hmm.TRANS, hmm.TRANS[:, ::-1], hmm.INIT[None]])[prev], 0.0, x_t)
+    return jnp.where(x_t > 0, z + hmm.S, z), None
+
+
+CHAINS = {
+    "forward": (_chain(_hmm_step, jnp.asarray(hmm.S)), 4),
+    "reversed": (_chain(_hmm_step, jnp.asarray(hmm.S), reverse=True), 4),
+    "one step": (_chain(_hmm_step, jnp.asarray(hmm.S)), 1),
+    "free carry": (_chain(_counting_step, (jnp.asarray(hmm.S), 0.0)), 4),
+    "state from data": (_chain(_encoded_step, jnp.asarray(2 * hmm.S)), 4),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_chain_variants_equal_brute_force_in_density_marginals_and_samples(name):
+    model, t = CHAINS[name]
+    x = jnp.array([0.9, -1.2, 1.4, -0.3])[:t]
+    paths = jnp.array(list(itertools.product(range(hmm.S), repeat=t)))
+    log_ps = jax.jit(jax.vmap(lambda z: model.assess({"z": z}, None, x)[0]))(paths)
+    posterior = np.asarray(jnp.exp(log_ps - logsumexp(log_ps)))
+    marginal = _exact(model)
+    np.testing.assert_allclose(float(ppl.density(marginal)({}, None, x)), float(logsumexp(log_ps)), rtol=1e-6)
+    brute = jnp.stack([jnp.sum(posterior[:, None] * (paths == s), 0) for s in range(hmm.S)], axis=-1)
+    np.testing.assert_allclose(np.asarray(marginal.marginals({}, None, x)["z"]), np.asarray(brute), atol=1e-5)
+    n = 4000
+    draws = jax.jit(jax.vmap(lambda k: marginal.sample(k, {}, None, x)["z"]))(jax.random.split(jax.random.key(9), n))
+    se = np.sqrt(posterior * (1 - posterior) / n) + 1e-3
+    assert np.all(np.abs(np.asarray(_path_frequencies(paths, draws)) - posterior) < 5 * se)
+
+
 @ppl.gen
 def switching_mixture(params, x):
     """c ~ Bernoulli(0.5) for all points; z_i ~ Bernoulli(0.3); x_i ~ N((1 + c) SHIFTS[z_i], 1)."""
