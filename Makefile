@@ -26,6 +26,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.logreg_steps
 	$(BIN)/python -m benchmarks.enum_scaling
 	$(BIN)/python -m benchmarks.air_epoch
+	$(BIN)/python -m benchmarks.exact_marginal
+	$(BIN)/python -m benchmarks.scaling
 
 notebooks: $(STAMP)
 	$(BIN)/jupyter execute --inplace --timeout=1800 notebooks/*.ipynb

@@ -410,10 +410,11 @@ def fit(
     the steps before it once more from the chunk's start; so a clean chunk runs once, one with
     non-finite steps costs up to about three times. Each applied step runs the same compiled code,
     so the result does not depend on `chunk_size`, and differs from a loop of `svi(...).step`
-    (whose `lax.cond` XLA compiles with other rounding) only in the last bits. Sharp edges: an optimizer that turns
-    non-finite gradients into finite updates (`optax.zero_nans`) has those steps applied, and a
-    trained leaf that is not finite from the start (a `-inf` mask) makes every step count as
-    non-finite: keep it out of `params`. `False`: apply every update, as optax does.
+    (whose `lax.cond` XLA compiles with other rounding) only in the last bits. Sharp edges: an
+    optimizer that turns non-finite gradients into finite updates (`optax.zero_nans`) has those
+    steps applied, and a trained leaf that is not finite from the start (a `-inf` mask) makes
+    every step count as non-finite: keep it out of `params`. `False`: apply every update, as
+    optax does.
 
     `checkpoint`: a directory (str or path). After every chunk, the run's state (parameters,
     optimizer state, step counter) and the losses so far are saved there with Orbax (atomically;

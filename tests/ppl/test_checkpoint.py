@@ -1,8 +1,8 @@
 """`ppl.fit(..., checkpoint=directory)`: a fit interrupted (an exception, or the process killed
 with SIGKILL while saving) and run again resumes from its latest save and returns what an
 uninterrupted fit returns, bit for bit, losses, skipped steps and warnings included; Equinox
-modules keep their static leaves; a finished fit is not re-run; a save from another fit is
-refused, naming the difference."""
+modules keep their static leaves; a fit on a two-device mesh resumes onto the mesh; a finished
+fit is not re-run; a save from another fit is refused, naming the difference."""
 
 import os
 import signal
@@ -193,3 +193,28 @@ def test_a_fit_killed_while_saving_resumes_from_its_last_finished_save(tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert saved_steps(tmp_path)[-1] in (40, 60)  # the third save finished, or the second is the latest
     assert_same(run(tmp_path), run())
+
+
+ON_A_MESH = """
+import os, sys
+sys.path.insert(0, {here!r})
+import jax, numpy as np, pytest
+import ppl, test_checkpoint
+
+mesh = jax.make_mesh((2,), ("data",))
+whole = test_checkpoint.run(mesh=mesh, batch_size=4)
+with pytest.MonkeyPatch.context() as monkeypatch:
+    test_checkpoint.interrupt(monkeypatch, 2, lambda: test_checkpoint.run({directory!r}, mesh=mesh, batch_size=4))
+resumed = test_checkpoint.run({directory!r}, mesh=mesh, batch_size=4)
+test_checkpoint.assert_same(resumed, whole)
+print(resumed[0].params["loc"].sharding.is_fully_replicated, len(resumed[0].params["loc"].sharding.device_set))
+"""
+
+
+def test_a_fit_on_a_mesh_resumes_onto_the_mesh(tmp_path):
+    code = textwrap.dedent(ON_A_MESH.format(here=str(HERE), directory=str(tmp_path)))
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "2"]  # the parameters come back replicated on both devices
