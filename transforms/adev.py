@@ -546,11 +546,12 @@ def _first_world(d):
     return Dual(d.primal[at], None if d.tangent is None else d.tangent[at]) if at else d
 
 
-def _per_world(duals, fn, shared=False):
+def _per_world(duals, fn, shared=False, evaluate=None):
     """`fn(duals)` for one world, evaluated under one `vmap` over the worlds the duals vary over
     (duals that vary over fewer are broadcast, those that vary over none are shared). Duals and
     arrays in the result get those world axes in front; with `shared`, `fn` returns (per-world
-    result, a result shared by all worlds)."""
+    result, a result shared by all worlds). `evaluate(vmapped, args)` replaces the call
+    `vmapped(args)` (e.g. `folding.evaluate_folded`)."""
     wanted = _world_axes(duals)
     if not wanted:
         return fn(duals)
@@ -563,7 +564,8 @@ def _per_world(duals, fn, shared=False):
 
     ops = [Dual(flat(d.primal, d), flat(d.tangent, d)) if d.worlds else d for d in duals]
     axes = [0 if d.worlds else None for d in duals]
-    out = jax.vmap(fn, in_axes=(axes,), out_axes=(0, None) if shared else 0)(ops)
+    vmapped = jax.vmap(fn, in_axes=(axes,), out_axes=(0, None) if shared else 0)
+    out = vmapped(ops) if evaluate is None else evaluate(vmapped, ops)
     per_world, rest = out if shared else (out, None)
     unflat = lambda x: x if len(sizes) == 1 else x.reshape(sizes + x.shape[1:])
     tagged = jax.tree.map(

@@ -45,7 +45,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from transforms import compat, families
-from transforms.adev import Dual, _expand, _per_world, _world_axes
+from transforms.adev import Dual, _expand, _world_axes
+from transforms.adev import _per_world as _per_world_unfolded
+from transforms.folding import evaluate_folded
 from transforms.gfi import _conform, check_known
 from transforms.interpreter import live_eqns, site_avals, unsupported
 from transforms.primitives import Site, eqn_contains_sample, format_address, sample_p
@@ -151,6 +153,10 @@ class _Eliminator:
         return axis
 
     def run(self, jaxpr, consts, duals):
+        with jax.ensure_compile_time_eval():  # what depends on the supports alone is computed now
+            return self._run(jaxpr, consts, duals)
+
+    def _run(self, jaxpr, consts, duals):
         env = {v: Dual(c) for v, c in zip(jaxpr.constvars, consts)}
         env.update(zip(jaxpr.invars, duals))
         for eqn in live_eqns(jaxpr):
@@ -646,3 +652,9 @@ def _poisoned_error(poisoned, eqn):
         f"outputs) is read by a later sample site or loop ('{eqn.primitive.name}'): the forward algorithm sums the "
         "chain out inside the scan, so nothing after it may depend on the chain's state"
     )
+
+
+def _per_world(duals, fn):
+    """`adev._per_world` with constants folded: the worlds' values are the sites' supports,
+    constants, and indexing with them is cheaper as a selection (transforms/folding.py)."""
+    return _per_world_unfolded(duals, fn, evaluate=evaluate_folded)
