@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.lax import stop_gradient
-from numpyro.distributions import Categorical, RelaxedBernoulliLogits
+from numpyro.distributions import Categorical, Gumbel, RelaxedBernoulliLogits
 
 from ppl.choicemap import flatten_choices, nest_choices
 from ppl.distributed import shard_particles
@@ -363,15 +363,45 @@ def concrete_elbo(decoder, prior_logits, guide_logits, temperature):
     guide's z ~ Bernoulli(logits), logits = `guide_logits(params, *args)`, so the gradient is
     pathwise, and the KL term between the Bernoulli guide and prior is exact. The gradient is
     biased for the discrete ELBO's; the bias vanishes as the temperature falls, while the
-    variance grows."""
+    variance grows. Categorical latents: `gumbel_softmax_elbo`."""
+
+    def relaxed(logits):
+        return sample_site(("z",), RelaxedBernoulliLogits(temperature, logits).to_event(1), None)
+
+    def kl(logits):
+        q, log_q, log_q0 = jax.nn.sigmoid(logits), jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+        log_p, log_p0 = jax.nn.log_sigmoid(prior_logits), jax.nn.log_sigmoid(-prior_logits)
+        return jnp.sum(q * (log_q - log_p) + (1.0 - q) * (log_q0 - log_p0))
+
+    return _relaxed_elbo(decoder, guide_logits, relaxed, kl)
+
+
+def gumbel_softmax_elbo(decoder, prior_logits, guide_logits, temperature):
+    """`concrete_elbo` for independent Categorical latents z ~ Categorical(logits=`prior_logits`),
+    logits of shape (..., K) (Jang, Gu & Poole, 2017; Maddison, Mnih & Teh, 2017): the decoder
+    reads the relaxed one-hot z~ = softmax((logits + g) / `temperature`), g standard Gumbel noise
+    drawn at the address "z" (shape (..., K), pathwise), in place of the guide's one-hot z ~
+    Categorical(logits); the KL term between the Categorical guide and prior is exact. As the
+    temperature falls, z~ tends to the one-hot of argmax(logits + g), an exact Categorical draw
+    (the Gumbel-max trick), so the bias vanishes while the variance grows."""
+
+    def relaxed(logits):
+        gumbel = sample_site(("z",), Gumbel(jnp.zeros(jnp.shape(logits))).to_event(jnp.ndim(logits)), None)
+        return jax.nn.softmax((logits + gumbel) / temperature, axis=-1)
+
+    def kl(logits):
+        log_q, log_p = jax.nn.log_softmax(logits, axis=-1), jax.nn.log_softmax(prior_logits, axis=-1)
+        return jnp.sum(jnp.exp(log_q) * (log_q - log_p))
+
+    return _relaxed_elbo(decoder, guide_logits, relaxed, kl)
+
+
+def _relaxed_elbo(decoder, guide_logits, relaxed, kl):
+    """E[log decoder density at `relaxed(logits)`] - `kl(logits)`, logits = `guide_logits(params, *args)`."""
 
     @expectation
     def objective(params, *args):
         logits = guide_logits(params, *args)
-        relaxed = sample_site(("z",), RelaxedBernoulliLogits(temperature, logits).to_event(1), None)
-        q, log_q, log_q0 = jax.nn.sigmoid(logits), jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
-        log_p, log_p0 = jax.nn.log_sigmoid(prior_logits), jax.nn.log_sigmoid(-prior_logits)
-        kl = jnp.sum(q * (log_q - log_p) + (1.0 - q) * (log_q0 - log_p0))
-        return density(decoder)({}, params, relaxed, *args) - kl
+        return density(decoder)({}, params, relaxed(logits), *args) - kl(logits)
 
     return objective
