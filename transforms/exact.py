@@ -172,7 +172,7 @@ class _Eliminator:
                 outs = _per_world(ins, lambda ds: [Dual(o) for o in compat.bind_eqn(eqn, [d.primal for d in ds])])
             elif eqn.primitive.name in compat.INLINE_CALLS:
                 inner, inner_consts = compat.inline_jaxpr(eqn)
-                outs = self.run(inner, inner_consts, ins)
+                outs = self._run(inner, inner_consts, ins)
             elif eqn.primitive.name == "scan":
                 outs = self.scan(eqn, ins)
             else:
